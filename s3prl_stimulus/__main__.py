@@ -1,0 +1,5 @@
+import sys
+
+from s3prl_stimulus.cli import main
+
+sys.exit(main())
