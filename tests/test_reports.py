@@ -1,0 +1,290 @@
+"""report: numbers recomputed from the predictions CSVs with the core metrics; tables, figures, missing runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from s3prl_stimulus import CLASSES, STIMULI, cli
+from s3prl_stimulus.agreement import agreement_matrix
+from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.labels import binary_frame, load_votes
+from s3prl_stimulus.metrics import binarize, bootstrap_ci, macro_f1, paired_bootstrap, per_class_f1
+from s3prl_stimulus.partition import FOLDS, speakers_of, split_clips
+from s3prl_stimulus.reports import FIGURE_PIXELS, build_report, ScoreSettings
+
+CLIPS_PER_FOLD = 40
+BOOTSTRAPS = 200
+UPSTREAMS = {"fbank": ("s3prl", 1.2, 1), "wavlm_local": ("cache", 2.5, 5)}  # path, signal strength, layers
+MISSING_FOLD = ("fbank", "face", 3)  # this run is never written
+NO_AV_TARGETS = ("wavlm_local", "voice", 2)  # this run's predictions lack the av targets
+
+
+@pytest.fixture(scope="module")
+def votes():
+    return load_votes("paper")
+
+
+def fold_clips(fold: int) -> list:
+    clips = split_clips(fold, "test")
+    return clips[:: len(clips) // CLIPS_PER_FOLD][:CLIPS_PER_FOLD]
+
+
+def write_run(root: Path, votes, upstream: str, train: str, fold: int, seed: int = 0, drop_tests=(),
+              votes_name: str = "paper", drop_clips: int = 0, extra: dict | None = None, path: str | None = None) -> Path:
+    default_path, strength, layers = UPSTREAMS[upstream]
+    path = path or default_path
+    rng = np.random.default_rng([fold, seed, STIMULI.index(train), layers])
+    clips = fold_clips(fold)[drop_clips:]
+    truth = binary_frame(votes, train).loc[clips].to_numpy()
+    logits = strength * truth + rng.normal(0, 1, truth.shape)  # predictions correlated with the train labels
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    frame = pd.DataFrame(probs, columns=list(CLASSES))
+    frame.insert(0, "speaker", speakers_of(clips))
+    frame.insert(0, "clip", clips)
+    tests = [s for s in STIMULI if s not in drop_tests]
+    for test in tests:
+        frame[[f"{test}_{c}" for c in CLASSES]] = binary_frame(votes, test).loc[clips].to_numpy()
+    run_dir = root / path / upstream / train / f"fold{fold}" / f"seed{seed}" / Path((extra or {}).get("upstream_ckpt", "ckpt")).stem
+    run_dir.mkdir(parents=True)
+    frame.to_csv(run_dir / "predictions-test-dev-best.csv", index=False)
+    scores = {t: {"macro_f1": macro_f1(frame[[f"{t}_{c}" for c in CLASSES]].to_numpy(), binarize(probs)),
+                  "ci95": [0, 1], "per_class_f1": {}, "loss": 0.0, "n_clips": len(clips)} for t in tests}
+    results = {"schema": 1, "path": path, "upstream": upstream, "fold": fold, "train_stimulus": train,
+               "votes": votes_name, "seed": seed, "step": 100, "checkpoint": "dev-best.ckpt", "split": "test",
+               "n_clips": len(clips), "test_stimuli": scores, **(extra or {})}
+    (run_dir / "results-test-dev-best.json").write_text(json.dumps(results))
+    weights = rng.dirichlet(np.ones(layers) * 2).tolist() if layers > 1 else [1.0]
+    (run_dir / "layer_weights.json").write_text(json.dumps(
+        {"upstream": upstream, "fold": fold, "train_stimulus": train, "weights": weights}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, votes):
+    root = tmp_path_factory.mktemp("results")
+    for upstream in UPSTREAMS:
+        for train in STIMULI:
+            for fold in FOLDS:
+                if (upstream, train, fold) == MISSING_FOLD:
+                    continue
+                drop = ("av",) if (upstream, train, fold) == NO_AV_TARGETS else ()
+                write_run(root, votes, upstream, train, fold, drop_tests=drop)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report_dir(tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    code = cli.main(["report", str(tree), "--out", str(out), "--bootstraps", str(BOOTSTRAPS)])
+    assert code == 0
+    return out
+
+
+def pooled_from_csvs(root: Path, upstream: str, train: str, test: str, seed: int = 0):
+    """Independent recomputation: read the CSVs (metadata from the JSONs), pool the folds, score."""
+    frames = []
+    for results in sorted(root.rglob("results-test-dev-best.json")):
+        meta = json.loads(results.read_text())
+        if (meta["upstream"], meta["train_stimulus"], meta["seed"]) == (upstream, train, seed):
+            frames.append((meta["fold"], pd.read_csv(results.with_name("predictions-test-dev-best.csv"))))
+    assert sorted(f for f, _ in frames) == list(FOLDS)
+    frames = [f for _, f in sorted(frames, key=lambda x: x[0])]
+    pooled = pd.concat(frames).sort_values("clip")
+    y_true = pooled[[f"{test}_{c}" for c in CLASSES]].to_numpy()
+    y_pred = binarize(pooled[list(CLASSES)].to_numpy())
+    per_fold = [macro_f1(f[[f"{test}_{c}" for c in CLASSES]].to_numpy(), binarize(f[list(CLASSES)].to_numpy()))
+                for f in frames]
+    return y_true, y_pred, per_fold, pooled["speaker"].to_numpy()
+
+
+def test_table3_equals_recomputation_from_predictions(tree, report_dir):
+    table = pd.read_csv(report_dir / "table3_matched.csv").set_index("upstream")
+    checked = 0
+    for upstream in UPSTREAMS:
+        for train in STIMULI:
+            if (upstream, train) == MISSING_FOLD[:2]:
+                continue
+            y_true, y_pred, per_fold, speakers = pooled_from_csvs(tree, upstream, train, train)
+            value, (low, high) = bootstrap_ci(macro_f1, y_true, y_pred, conditions=None, num_bootstraps=BOOTSTRAPS)
+            row = table.loc[upstream]
+            assert row[f"{train}_macro_f1"] == pytest.approx(value, abs=1e-6)
+            assert (row[f"{train}_ci_low"], row[f"{train}_ci_high"]) == pytest.approx((low, high), abs=1e-6)
+            assert row[f"{train}_fold_mean"] == pytest.approx(np.mean(per_fold), abs=1e-6)
+            assert row[f"{train}_fold_std"] == pytest.approx(np.std(per_fold, ddof=1), abs=1e-6)
+            assert len(y_true) == 5 * CLIPS_PER_FOLD
+            checked += 1
+    assert checked == 7
+    # best per row and row order (best macro-F1 descending)
+    values = table[[f"{s}_macro_f1" for s in STIMULI]]
+    assert list(table["best_train_stimulus"]) == [c.removesuffix("_macro_f1") for c in values.idxmax(axis=1)]
+    assert list(values.max(axis=1)) == sorted(values.max(axis=1), reverse=True)
+    assert list(table.index) == ["wavlm_local", "fbank"]  # the stronger synthetic upstream first
+
+
+def test_missing_run_is_shown_as_missing_and_listed(report_dir):
+    table = pd.read_csv(report_dir / "table3_matched.csv").set_index("upstream")
+    assert np.isnan(table.loc["fbank", "face_macro_f1"])  # not zero
+    markdown = (report_dir / "table3_matched.md").read_text()
+    fbank_row = next(line for line in markdown.splitlines() if line.startswith("| fbank "))
+    assert "missing" in fbank_row and "(4 folds)" in fbank_row
+    missing = pd.read_csv(report_dir / "missing_runs.csv", keep_default_na=False)
+    rows = {(r.system, r.train_stimulus, r.fold, r.test_stimulus) for r in missing.itertuples()}
+    assert rows == {("fbank", "face", 3, ""), ("wavlm_local", "voice", 2, "av")}
+    index = (report_dir / "index.md").read_text()
+    assert "## Missing runs" in index and "not cross-tested" in index
+    cross = pd.read_csv(report_dir / "table4_cross_wavlm_local.csv").set_index("train_stimulus")
+    assert np.isnan(cross.loc["voice", "av_macro_f1"]) and not np.isnan(cross.loc["voice", "face_macro_f1"])
+
+
+def test_table4_cross_matrix_and_per_class(tree, report_dir):
+    cross = pd.read_csv(report_dir / "table4_cross_wavlm_local.csv").set_index("train_stimulus")
+    per_class = pd.read_csv(report_dir / "table4_per_class_wavlm_local.csv")
+    for train, test in [("face", "voice"), ("all", "av"), ("av", "all")]:
+        y_true, y_pred, _, speakers = pooled_from_csvs(tree, "wavlm_local", train, test)
+        value, (low, high) = bootstrap_ci(macro_f1, y_true, y_pred, conditions=None, num_bootstraps=BOOTSTRAPS)
+        assert cross.loc[train, f"{test}_macro_f1"] == pytest.approx(value, abs=1e-6)
+        assert cross.loc[train, f"{test}_ci_low"] == pytest.approx(low, abs=1e-6)
+        row = per_class[(per_class.train_stimulus == train) & (per_class.test_stimulus == test)].iloc[0]
+        expected = per_class_f1(y_true, y_pred)
+        assert [row[c] for c in CLASSES] == pytest.approx([expected[c] for c in CLASSES], abs=1e-6)
+    markdown = (report_dir / "table4_cross_wavlm_local.md").read_text()
+    assert markdown.count("**") == 2 * 4  # one best training set per test column
+
+
+def test_paired_tests_and_agreement(tree, report_dir):
+    paired = pd.read_csv(report_dir / "paired_tests.csv")
+    # wavlm: 4 train sets on 4 tests, but voice lacks av targets in one fold; fbank: face missing
+    assert len(paired) == 6 * 3 + 3 + 3 * 4
+    row = paired[(paired.system == "wavlm_local") & (paired.test_stimulus == "face")
+                 & (paired.train_a == "voice") & (paired.train_b == "all")].iloc[0]
+    y_true, pred_a, _, speakers = pooled_from_csvs(tree, "wavlm_local", "voice", "face")
+    y_true_b, pred_b, _, _ = pooled_from_csvs(tree, "wavlm_local", "all", "face")
+    assert np.array_equal(y_true, y_true_b)
+    expected = paired_bootstrap(macro_f1, y_true, pred_a, pred_b, conditions=None, num_bootstraps=BOOTSTRAPS)
+    assert row.difference == pytest.approx(expected.difference, abs=1e-6)
+    assert (row.ci_low, row.ci_high) == pytest.approx(expected.ci, abs=1e-6)
+    assert row.p_value == pytest.approx(expected.p_value, abs=1e-6)
+    family = paired[(paired.system == "wavlm_local") & (paired.test_stimulus == "face")]
+    assert (family.p_holm >= family.p_value - 1e-12).all() and (family.p_holm <= 1).all()
+    agreement = pd.read_csv(report_dir / "table2_agreement.csv").set_index("stimulus")
+    expected = agreement_matrix(load_votes("paper"))
+    assert np.allclose(agreement.loc[list(STIMULI), list(STIMULI)].to_numpy(), expected.to_numpy(), atol=1e-6)
+
+
+def test_figures_are_images_of_the_expected_size(report_dir):
+    import matplotlib.image
+
+    pngs = sorted(p.name for p in report_dir.glob("*.png"))
+    assert pngs == ["cross_test_heatmap_wavlm_local.png", "fig2_layer_weights_wavlm_local.png",
+                    "per_class_f1_wavlm_local.png"]  # fbank has a single layer: no Fig. 2
+    for name in pngs:
+        image = matplotlib.image.imread(report_dir / name)
+        assert image.shape[:2] == (FIGURE_PIXELS[1], FIGURE_PIXELS[0])
+        assert image[..., :3].std() > 0.01  # not a blank canvas
+        assert (report_dir / name).with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+
+
+def latex_engine():
+    return next((e for e in ("pdflatex", "lualatex", "xelatex") if shutil.which(e)), None)
+
+
+def test_latex_tables_are_booktabs(report_dir, tmp_path):
+    tex_files = sorted(report_dir.glob("*.tex"))
+    assert {p.stem for p in tex_files} == {"table2_agreement", "table3_matched", "table4_cross_wavlm_local",
+                                           "table4_per_class_wavlm_local", "paired_tests"}
+    for path in tex_files:
+        text = path.read_text()
+        assert "_" not in re.sub(r"\\_|\\label\{[^}]*\}", "", text.split("\n", 1)[1])  # underscores escaped
+        lines = text.splitlines()
+        top, mid, bottom = (lines.index(rule) for rule in (r"\toprule", r"\midrule", r"\bottomrule"))
+        assert top < mid < bottom
+        spec = re.search(r"\\begin\{tabular\}\{([lcr]+)\}", text).group(1)
+        rows = lines[top + 1:mid] + lines[mid + 1:bottom]
+        assert rows and all(r.endswith(r"\\") for r in rows)
+        assert all(len(re.split(r"(?<!\\)&", r)) == len(spec) for r in rows)
+    engine = latex_engine()
+    if engine is None:
+        return  # parsed above; compiled where a TeX engine is installed
+    body = "\n".join(p.read_text() for p in tex_files)
+    document = tmp_path / "tables.tex"
+    document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
+                        f"\\begin{{document}}\n{body}\n\\end{{document}}\n")
+    done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_index_links_every_output(report_dir):
+    index = (report_dir / "index.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", index)
+    assert links and all((report_dir / link).is_file() for link in links)
+    produced = {p.name for p in report_dir.iterdir() if p.name != "index.md"}
+    assert produced <= {Path(link).name for link in links}
+
+
+def test_several_seeds_are_scored_per_seed(tmp_path, votes):
+    for seed in (0, 1):
+        for fold in FOLDS:
+            write_run(tmp_path / "runs", votes, "wavlm_local", "voice", fold, seed=seed)
+    report = build_report(tmp_path / "runs", settings=ScoreSettings(num_bootstraps=50))
+    per_seed = [macro_f1(*pooled_from_csvs(tmp_path / "runs", "wavlm_local", "voice", "voice", seed)[:2])
+                for seed in (0, 1)]
+    cell = report.cell("wavlm_local", "voice", "voice")
+    assert cell.n_seeds == 2 and per_seed[0] != per_seed[1]
+    assert cell.value == pytest.approx(np.mean(per_seed)) and cell.seed_std == pytest.approx(np.std(per_seed, ddof=1))
+    assert np.isnan(cell.low)  # one CI per seed lives in scores.csv, not in the table cell
+    assert len(report.pooled.query("train_stimulus == 'voice' and test_stimulus == 'voice'")) == 2
+
+
+def test_paired_test_on_runs_that_scored_different_clips(tmp_path, votes):
+    for train in ("voice", "face"):
+        for fold in FOLDS:
+            write_run(tmp_path, votes, "wavlm_local", train, fold, drop_clips=3 if (train, fold) == ("face", 4) else 0)
+    report = build_report(tmp_path, settings=ScoreSettings(num_bootstraps=100, by_speaker=False))
+    row = report.paired.query("test_stimulus == 'av'").iloc[0]
+    assert (row.train_a, row.train_b, row.n_clips) == ("voice", "face", 5 * CLIPS_PER_FOLD - 3)
+    y_true, pred_a, *_ = pooled_from_csvs(tmp_path, "wavlm_local", "voice", "av")
+    _, pred_b, *_ = pooled_from_csvs(tmp_path, "wavlm_local", "face", "av")
+    dropped = set(fold_clips(4)[:3])
+    keep = np.array([c not in dropped for c in sorted(sum((fold_clips(f) for f in FOLDS), []))])
+    expected = paired_bootstrap(macro_f1, y_true[keep], pred_a[keep], pred_b, num_bootstraps=100)
+    assert (row.difference, row.ci_low, row.ci_high, row.p_value) == pytest.approx(
+        (expected.difference, *expected.ci, expected.p_value), abs=1e-9)
+
+
+def test_systems_are_named_by_upstream_checkpoint_and_path(tmp_path, votes):
+    write_run(tmp_path, votes, "wavlm_local", "voice", 1, extra={"upstream_ckpt": "/ckpt/tiny_a.pt"})
+    write_run(tmp_path, votes, "wavlm_local", "voice", 1, extra={"upstream_ckpt": "/ckpt/tiny_b.pt"})
+    write_run(tmp_path, votes, "fbank", "voice", 1, path="cache")
+    write_run(tmp_path, votes, "fbank", "voice", 1, path="s3prl")
+    report = build_report(tmp_path, settings=ScoreSettings(num_bootstraps=10))
+    assert sorted(report.study.systems) == ["fbank (cache)", "fbank (s3prl)", "wavlm_local[tiny_a]", "wavlm_local[tiny_b]"]
+    assert build_report(tmp_path, path="s3prl", settings=ScoreSettings(num_bootstraps=10)).study.systems == ["fbank"]
+
+
+def test_bad_trees_are_one_line_errors(tmp_path, votes):
+    write_run(tmp_path / "a", votes, "fbank", "voice", 1)
+    copy = tmp_path / "a" / "copy"
+    shutil.copytree(tmp_path / "a" / "s3prl", copy)
+    with pytest.raises(StimulusError, match="two results for fbank / train voice / fold 1 / seed 0"):
+        build_report(tmp_path / "a")
+    write_run(tmp_path / "b", votes, "fbank", "voice", 1)
+    write_run(tmp_path / "b" / "other", votes, "fbank", "face", 1, votes_name="crema-d")
+    with pytest.raises(StimulusError, match="several vote sources"):
+        build_report(tmp_path / "b")
+    run_dir = write_run(tmp_path / "c", votes, "fbank", "voice", 1)
+    meta = json.loads((run_dir / "results-test-dev-best.json").read_text())
+    (run_dir / "results-test-dev-best.json").write_text(json.dumps({**meta, "fold": 2}))
+    with pytest.raises(StimulusError, match="not in fold 2's test split"):
+        build_report(tmp_path / "c")
+    out = tmp_path / "out"
+    assert cli.main(["report", str(tmp_path / "c"), "--out", str(out)]) == 2
+    assert not out.exists()  # validated before anything is written
