@@ -1,0 +1,283 @@
+"""Data side of the ``emotion_stimulus`` downstream: datarc, clips, labels, normalisation, loaders, outputs.
+
+Everything is validated when the expert is built, before S3PRL's first training step: the datarc
+(unknown or missing keys, fold, stimuli, votes source), the corpus directory and every WAV file
+of the fold (missing, unreadable, empty, stereo, wrong rate or format: listed with counts), and
+the labels. Only then is anything written (the waveform statistics).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from s3prl_stimulus import CLASSES, STIMULI
+from s3prl_stimulus import audio, labels, metrics
+from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.partition import check_fold, speakers_of, split_clips
+
+SPLITS = ("train", "dev", "test")
+DATARC_KEYS = (
+    "audio_dir", "votes", "fold", "train_stimulus", "test_stimuli", "smoothing", "normalisation",
+    "max_seconds", "clips", "train_batch_size", "eval_batch_size", "num_workers",
+)
+NORMALISATIONS = ("train_mean_std", "none")
+STATS_FILE = "waveform_stats.json"
+STD_EPSILON = 1e-6  # the authors' (EMO-SUPERB's) guard in (x - mean) / (std + 1e-6)
+NOTE = "[emotion_stimulus]"
+
+
+def _option(key: str) -> str:
+    return f"config.downstream_expert.datarc.{key}"
+
+
+# --- datarc -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The validated ``downstream_expert.datarc`` (meaning of each key: docs/downstream.md)."""
+
+    audio_dir: Path
+    votes: str
+    fold: int
+    train_stimulus: str
+    test_stimuli: tuple
+    smoothing: float
+    normalisation: str
+    max_seconds: float | None
+    clips: str
+    train_batch_size: int
+    eval_batch_size: int
+    num_workers: int
+
+    @classmethod
+    def parse(cls, datarc: dict) -> "DataConfig":
+        _check_keys("datarc", datarc, DATARC_KEYS)
+        test_stimuli = datarc["test_stimuli"]
+        if isinstance(test_stimuli, str):
+            test_stimuli = [s.strip() for s in test_stimuli.split(",") if s.strip()]
+        if not test_stimuli:
+            raise StimulusError(f"{_option('test_stimuli')} is empty: list some of {', '.join(STIMULI)}")
+        normalisation = str(datarc["normalisation"])
+        if normalisation not in NORMALISATIONS:
+            raise StimulusError(f"unknown {_option('normalisation')}={normalisation!r}: use {' or '.join(NORMALISATIONS)}")
+        return cls(
+            audio_dir=audio.check_corpus_dir(datarc["audio_dir"], option=_option("audio_dir")),
+            votes=str(datarc["votes"]),
+            fold=check_fold(datarc["fold"]),
+            train_stimulus=labels.check_stimulus(datarc["train_stimulus"]),
+            test_stimuli=tuple(dict.fromkeys(labels.check_stimulus(s) for s in test_stimuli)),
+            smoothing=labels.check_smoothing(datarc["smoothing"]),
+            normalisation=normalisation,
+            max_seconds=_max_seconds(datarc["max_seconds"]),
+            clips=str(datarc["clips"]),
+            train_batch_size=_positive(datarc, "train_batch_size"),
+            eval_batch_size=_positive(datarc, "eval_batch_size"),
+            num_workers=_positive(datarc, "num_workers", minimum=0),
+        )
+
+
+def _check_keys(section: str, given: dict, known: tuple) -> None:
+    """Unknown keys (typos in -o) and missing ones are errors: nothing silently keeps a default."""
+    unknown, missing = sorted(set(given) - set(known)), [k for k in known if k not in given]
+    problems = ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"no {missing}"] if missing else [])
+    if problems:
+        raise StimulusError(f"downstream_expert.{section} has {' and '.join(problems)}: its keys are {', '.join(known)} "
+                            "(see the packaged downstream/emotion_stimulus/config.yaml)")
+
+
+def _max_seconds(value) -> float | None:
+    if value in (None, "none", "None"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise StimulusError(f"{_option('max_seconds')}={value!r} must be a positive number of seconds, or null (no crop)")
+    return float(value)
+
+
+def _positive(datarc: dict, key: str, minimum: int = 1) -> int:
+    value = datarc[key]
+    if not isinstance(value, int) or value < minimum:
+        raise StimulusError(f"{_option(key)}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+EVALRC_KEYS = ("select_by", "bootstrap_samples", "bootstrap_by_speaker", "bootstrap_seed")
+SELECT_BY = ("loss", "macro_f1")
+
+
+def parse_evalrc(evalrc: dict) -> dict:
+    """The validated ``downstream_expert.evalrc``: dev-best criterion and bootstrap settings."""
+    evalrc = dict(evalrc or {})
+    _check_keys("evalrc", evalrc, EVALRC_KEYS)
+    if evalrc["select_by"] not in SELECT_BY:
+        raise StimulusError(f"unknown config.downstream_expert.evalrc.select_by={evalrc['select_by']!r}: use loss (paper) or macro_f1")
+    if not isinstance(evalrc["bootstrap_samples"], int) or evalrc["bootstrap_samples"] < 1:
+        raise StimulusError(f"evalrc.bootstrap_samples={evalrc['bootstrap_samples']!r} must be an integer >= 1 (paper: 1000)")
+    return evalrc
+
+
+# --- clips --------------------------------------------------------------------------------------
+
+
+def fold_clips(config: DataConfig) -> dict:
+    """Clips of each split of the fold, restricted by ``datarc.clips`` with a loud count of what is left out."""
+    full = {split: split_clips(config.fold, split) for split in SPLITS}
+    if config.clips == "all":
+        return full
+    if config.clips == "present":
+        keep = set(audio.present_clips(config.audio_dir, [c for clips in full.values() for c in clips]))
+    else:
+        keep = _read_clip_list(Path(config.clips))
+    kept = {split: [c for c in clips if c in keep] for split, clips in full.items()}
+    left_out = sum(len(full[s]) - len(kept[s]) for s in SPLITS)
+    counts = ", ".join(f"{len(kept[s])} of {len(full[s])} {s}" for s in SPLITS)
+    print(f"{NOTE} WARNING: datarc.clips={config.clips}: using {counts} clips of fold {config.fold}; "
+          f"{left_out} clips LEFT OUT: results are not comparable with the full corpus", file=sys.stderr)
+    empty = [s for s in SPLITS if not kept[s]]
+    if empty:
+        raise StimulusError(f"datarc.clips={config.clips} leaves no {'/'.join(empty)} clips in fold {config.fold}: "
+                            "give clips of every split, or clips=all")
+    return kept
+
+
+def _read_clip_list(path: Path) -> set:
+    if not path.is_file():
+        raise StimulusError(f"{_option('clips')}={path} is neither all, present nor a clip-list file: "
+                            "give a text file with one CREMA-D clip name per line")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {name[:-4] if name.endswith(".wav") else name for name in names}
+
+
+def check_audio(config: DataConfig, clips: dict) -> None:
+    """Every WAV of every split, headers only; all problems listed with counts in one error."""
+    report = audio.scan_corpus(config.audio_dir, [c for s in SPLITS for c in clips[s]])
+    report.raise_if_bad(missing_fix=f"{audio.GET_CREMA_D} (it resumes), or train on the clips you have with {_option('clips')}=present")
+
+
+# --- labels -------------------------------------------------------------------------------------
+
+
+class FoldLabels:
+    """Soft targets and binary labels of each stimulus for the fold's clips."""
+
+    def __init__(self, config: DataConfig, clips: dict):
+        every = [c for s in SPLITS for c in clips[s]]
+        votes = labels.load_votes(config.votes).subset(every)
+        wanted = dict.fromkeys((config.train_stimulus, *config.test_stimuli))
+        self.soft = {s: labels.label_frame(votes, s, config.smoothing).astype(np.float32) for s in wanted}
+        self.binary = {s: labels.binary_frame(votes, s) for s in wanted}
+
+    def soft_targets(self, stimulus: str, clips) -> np.ndarray:
+        return self.soft[stimulus].loc[list(clips)].to_numpy(copy=True)
+
+    def binary_labels(self, stimulus: str, clips) -> np.ndarray:
+        return self.binary[stimulus].loc[list(clips)].to_numpy(copy=True)
+
+
+# --- waveform normalisation ---------------------------------------------------------------------
+
+
+def normalisation_stats(config: DataConfig, train_clips: list, expdir) -> dict | None:
+    """The paper's waveform mean/std over the fold's training clips, computed once into expdir.
+
+    Reused on resume and evaluation (the file is checked to describe the same clips). Under DDP
+    rank 0 computes while the other ranks wait at a barrier.
+    """
+    if config.normalisation == "none":
+        return None
+    path = Path(expdir) / STATS_FILE
+    expect = {"fold": config.fold, "n_clips": len(train_clips), "clips_sha256": audio.clips_fingerprint(train_clips)}
+    leader = not dist.is_initialized() or dist.get_rank() == 0
+    if leader and not path.exists():
+        print(f"{NOTE} waveform mean/std over {len(train_clips)} training clips -> {path}", file=sys.stderr)
+        stats = audio.waveform_stats([audio.clip_path(config.audio_dir, c) for c in train_clips])
+        audio.save_waveform_stats(path, {**stats, **expect})
+    if dist.is_initialized():
+        dist.barrier()
+    return audio.load_waveform_stats(path, expect=expect)
+
+
+# --- datasets and loaders -----------------------------------------------------------------------
+
+
+class ClipDataset(Dataset):
+    """Items ``(waveform float32 [T], soft target float32 [C], clip)``; waveforms read on demand."""
+
+    def __init__(self, config: DataConfig, clips: list, targets: np.ndarray, stats: dict | None):
+        self.paths = [audio.clip_path(config.audio_dir, c) for c in clips]
+        self.clips, self.targets = list(clips), targets
+        self.max_samples = None if config.max_seconds is None else int(config.max_seconds * audio.SAMPLE_RATE)
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int):
+        wav = audio.read_clip(self.paths[index])[: self.max_samples]
+        if self.stats is not None:
+            # (x - mean) / (std + 1e-6) in float32 (NumPy 2 keeps float32 with Python-float operands),
+            # in place on the fresh array: the same values as the cache's out-of-place arithmetic.
+            wav -= self.stats["mean"]
+            wav /= self.stats["std"] + STD_EPSILON
+        return wav, self.targets[index], self.clips[index]
+
+
+def collate(batch):
+    wavs, targets, clips = zip(*batch)
+    return list(wavs), torch.from_numpy(np.stack(targets)), list(clips)
+
+
+def make_loader(dataset: ClipDataset, config: DataConfig, train: bool, epoch: int = 0) -> DataLoader:
+    """Train: shuffled (a DistributedSampler under DDP, reseeded per epoch); dev/test: in order, whole split."""
+    sampler = None
+    if train and dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=True)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset, batch_size=config.train_batch_size if train else config.eval_batch_size,
+        shuffle=train and sampler is None, sampler=sampler, num_workers=config.num_workers, collate_fn=collate,
+    )
+
+
+# --- evaluation outputs (schema: docs/design.md) ------------------------------------------------
+
+
+def predictions_frame(clips: list, probs: np.ndarray, fold_labels: FoldLabels, test_stimuli) -> pd.DataFrame:
+    """``clip, speaker``, the six probabilities, then ``<stimulus>_<class>`` binary targets per test stimulus."""
+    frame = pd.DataFrame(probs, columns=CLASSES)
+    frame.insert(0, "clip", clips)
+    frame.insert(1, "speaker", speakers_of(clips))
+    for stimulus in test_stimuli:
+        binary = fold_labels.binary_labels(stimulus, clips)
+        frame = frame.assign(**{f"{stimulus}_{c}": binary[:, i] for i, c in enumerate(CLASSES)})
+    return frame
+
+
+def score_stimuli(frame: pd.DataFrame, losses: dict, evalrc: dict) -> dict:
+    """Per test stimulus: corpus-level macro-F1 with its bootstrap CI, per-class F1, loss, n clips.
+
+    Every label set is scored on the same bootstrap resamples (speaker-conditioned if configured).
+    """
+    predicted = metrics.binarize(frame[list(CLASSES)].to_numpy())
+    truths = {s: frame[[f"{s}_{c}" for c in CLASSES]].to_numpy() for s in losses}
+    conditions = frame["speaker"].to_numpy() if evalrc["bootstrap_by_speaker"] else None
+    values = metrics.bootstrap_values(metrics.macro_f1, [(t, predicted) for t in truths.values()],
+                                      conditions, evalrc["bootstrap_samples"], evalrc["bootstrap_seed"])
+    scores = {}
+    for (stimulus, truth), bootstraps in zip(truths.items(), values):
+        scores[stimulus] = {
+            "macro_f1": metrics.macro_f1(truth, predicted),
+            "ci95": list(metrics.percentile_interval(bootstraps, alpha=5)),
+            "per_class_f1": metrics.per_class_f1(truth, predicted),
+            "loss": float(losses[stimulus]),
+            "n_clips": int(len(frame)),
+        }
+    return scores

@@ -1,0 +1,149 @@
+"""S3PRL downstream expert of *Stimulus Modality Matters*: train on one stimulus' labels, score against all.
+
+A thin adapter: data, labels and outputs live in :mod:`.dataset`, the head in :mod:`.model`, the
+loss and metrics in the core modules (:mod:`s3prl_stimulus.loss`, :mod:`s3prl_stimulus.metrics`).
+Each dev/test evaluation runs on rank 0 over the whole split (S3PRL's runner does that), keeps the
+logits of every clip, and scores them once at corpus level against every label set of
+``datarc.test_stimuli``, writing ``predictions-<split>-<tag>.csv`` and ``results-<split>-<tag>.json``
+(``<tag>`` = ``step-<N>`` while training, the checkpoint's stem under ``-m evaluate -e X.ckpt``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from s3prl_stimulus import CLASSES
+from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.io import write_csv_atomic, write_json_atomic
+from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, soft_cross_entropy
+from s3prl_stimulus.metrics import binarize, macro_f1
+
+from .dataset import (
+    NOTE, SPLITS, ClipDataset, DataConfig, FoldLabels, check_audio, fold_clips, make_loader,
+    normalisation_stats, parse_evalrc, predictions_frame, score_stimuli,
+)
+from .model import StimulusHead, check_checkpoint, layer_weights, load_checkpoint
+
+DOWNSTREAM = "emotion_stimulus"
+
+
+class DownstreamExpert(nn.Module):
+    def __init__(self, upstream_dim: int, upstream_rate: int, downstream_expert: dict, expdir: str, **kwargs):
+        super().__init__()
+        self.expdir = Path(expdir)
+        self.args = {k: kwargs.get(k) for k in ("upstream", "upstream_ckpt", "seed", "mode", "init_ckpt")}
+        self.config = DataConfig.parse(downstream_expert["datarc"])
+        self.evalrc = parse_evalrc(downstream_expert.get("evalrc"))
+        self.clips = fold_clips(self.config)
+        check_audio(self.config, self.clips)
+        self.labels = FoldLabels(self.config, self.clips)
+        # Class-balanced weights from the binarised training labels of the training stimulus.
+        train_binary = self.labels.binary_labels(self.config.train_stimulus, self.clips["train"])
+        self.objective = ClassBalancedSoftCrossEntropy.from_labels(train_binary)
+        self.head = StimulusHead(upstream_dim, len(CLASSES), downstream_expert["modelrc"])
+        # Buffers, so they are saved in checkpoints and dev-best tracking survives -a resume.
+        self.register_buffer("best_dev_loss", torch.tensor(math.inf, dtype=torch.float64))
+        self.register_buffer("best_dev_macro_f1", torch.tensor(-math.inf, dtype=torch.float64))
+        self.checkpoint = None  # what the outputs need of -e/-i's checkpoint: its step and layer weights
+        if self.args["init_ckpt"]:
+            checkpoint = load_checkpoint(self.args["init_ckpt"])
+            check_checkpoint(checkpoint, self.args["init_ckpt"], DOWNSTREAM, self.state_dict())
+            self.checkpoint = {"step": int(checkpoint.get("Step", 0)), "layer_weights": layer_weights(checkpoint)}
+        stats = normalisation_stats(self.config, self.clips["train"], self.expdir)
+        train_targets = {s: self.labels.soft_targets(self.config.train_stimulus, self.clips[s]) for s in SPLITS}
+        self.datasets = {s: ClipDataset(self.config, self.clips[s], train_targets[s], stats) for s in SPLITS}
+
+    # --- S3PRL interface ------------------------------------------------------------------------
+
+    def get_dataloader(self, split: str, epoch: int = 0):
+        if split not in self.datasets:
+            raise StimulusError(f"unknown split {split!r}: {DOWNSTREAM} has train, dev and test (-t, runner.eval_dataloaders)")
+        return make_loader(self.datasets[split], self.config, train=split == "train", epoch=epoch)
+
+    def forward(self, split: str, features: list, targets: torch.Tensor, clips: list, records, **kwargs):
+        logits = self.head(features)
+        targets = targets.to(logits.device)
+        # Kept whole (no .item() per step): metrics are computed once per split in log_records.
+        records["logits"].append(logits.detach())
+        records["targets"].append(targets)
+        records["clips"] += clips
+        return self.objective(logits, targets)
+
+    def log_records(self, split: str, records, logger, global_step: int, **kwargs) -> list:
+        if not records["clips"]:
+            return []
+        logits = torch.cat(records["logits"]).double().cpu()
+        prefix = f"{DOWNSTREAM}-fold{self.config.fold}/{split}"
+        if split == "train":
+            loss = soft_cross_entropy(logits, torch.cat(records["targets"]).cpu(), self.objective.class_weights.cpu())
+            logger.add_scalar(f"{prefix}-loss", loss.item(), global_step=global_step)
+            return []
+        return self._evaluate(split, logits, records["clips"], logger, global_step, prefix)
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def _loss(self, logits: torch.Tensor, stimulus: str, clips: list) -> float:
+        targets = torch.from_numpy(self.labels.soft_targets(stimulus, clips))
+        return soft_cross_entropy(logits, targets, self.objective.class_weights.cpu()).item()
+
+    def _evaluate(self, split, logits, clips, logger, global_step, prefix) -> list:
+        probs = torch.softmax(logits, dim=-1).numpy()  # float64: the CSV round-trips exactly
+        frame = predictions_frame(clips, probs, self.labels, self.config.test_stimuli)
+        losses = {s: self._loss(logits, s, clips) for s in self.config.test_stimuli}
+        scores = score_stimuli(frame, losses, self.evalrc)
+        tag, step = self._tag(global_step)
+        result = self._metadata(split, step) | {"n_clips": len(clips), "test_stimuli": scores}
+        write_csv_atomic(self.expdir / f"predictions-{split}-{tag}.csv", frame)
+        write_json_atomic(self.expdir / f"results-{split}-{tag}.json", result)
+        for stimulus, score in scores.items():
+            logger.add_scalar(f"{prefix}-{stimulus}-macro_f1", score["macro_f1"], global_step=global_step)
+            logger.add_scalar(f"{prefix}-{stimulus}-loss", score["loss"], global_step=global_step)
+        summary = ", ".join(f"{s} {v['macro_f1']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]" for s, v in scores.items())
+        print(f"{NOTE} {split} {tag} macro-F1: {summary}", file=sys.stderr)
+        if self.args["mode"] == "evaluate":
+            self._write_layer_weights(tag, step)
+            return []
+        return self._select(split, probs, logits, clips)
+
+    def _select(self, split, probs, logits, clips) -> list:
+        """``["dev-best.ckpt"]`` when dev loss (paper) or dev macro-F1 on the training stimulus improves."""
+        if split != "dev":
+            return []
+        stimulus = self.config.train_stimulus
+        loss = self._loss(logits, stimulus, clips)
+        f1 = macro_f1(self.labels.binary_labels(stimulus, clips), binarize(probs))
+        improved = loss < self.best_dev_loss.item() if self.evalrc["select_by"] == "loss" else f1 > self.best_dev_macro_f1.item()
+        self.best_dev_loss.fill_(min(loss, self.best_dev_loss.item()))
+        self.best_dev_macro_f1.fill_(max(f1, self.best_dev_macro_f1.item()))
+        return ["dev-best.ckpt"] if improved else []
+
+    def _tag(self, global_step: int) -> tuple:
+        if self.args["mode"] != "evaluate":
+            return f"step-{global_step}", global_step
+        if self.checkpoint is None:
+            return "untrained", 0
+        return Path(self.args["init_ckpt"]).stem, self.checkpoint["step"]
+
+    def _metadata(self, split: str, step: int) -> dict:
+        return {
+            "schema": 1, "path": "s3prl", "upstream": self.args["upstream"], "upstream_ckpt": self.args["upstream_ckpt"],
+            "fold": self.config.fold, "train_stimulus": self.config.train_stimulus, "votes": self.config.votes,
+            "seed": self.args["seed"], "step": step,
+            "checkpoint": None if self.checkpoint is None else str(self.args["init_ckpt"]), "split": split,
+        }
+
+    def _write_layer_weights(self, tag: str, step: int) -> None:
+        """Featurizer layer weights of the evaluated checkpoint (read from it: the runner never passes
+        its Featurizer to the expert). ``layer_weights.json`` is dev-best's; other checkpoints get a tagged name."""
+        weights = None if self.checkpoint is None else self.checkpoint["layer_weights"]
+        if weights is None:
+            return  # one hidden state (e.g. fbank): no weighted sum to report
+        keys = ("upstream", "fold", "train_stimulus", "checkpoint")
+        record = {k: v for k, v in self._metadata("test", step).items() if k in keys} | {"step": step, "weights": weights}
+        name = "layer_weights.json" if tag == "dev-best" else f"layer_weights-{tag}.json"
+        write_json_atomic(self.expdir / name, record)
