@@ -126,6 +126,29 @@ def _torchrun_rank(argv, known, environ, cuda_available, notes):
     return argv + ["--local_rank", local_rank], notes + [f"torchrun: --local_rank {local_rank} (DDP over {world_size} processes)"]
 
 
+def check_past_checkpoint(argv: list[str]) -> None:
+    """Refuse ``-e CKPT`` that S3PRL cannot resume or that belongs to another task than ``-d``.
+
+    With ``-e``, S3PRL takes the task from the checkpoint, so a checkpoint of another downstream
+    would silently run that task's code; say so in one line instead.
+    """
+    known, _ = _known_arguments().parse_known_args(argv)
+    if not known.past_exp:
+        return
+    import torch
+
+    path = Path(known.past_exp)
+    if not path.is_file():
+        raise StimulusError(f"checkpoint {path} (-e) does not exist: pass e.g. EXPDIR/dev-best.ckpt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu")
+        task = vars(checkpoint["Args"]).get("downstream")
+    except Exception as error:  # unpickling fails in many ways; all mean "not an S3PRL downstream checkpoint"
+        raise StimulusError(f"{path} is not an S3PRL downstream checkpoint ({type(error).__name__}): pass a file saved by run_downstream") from None
+    if known.downstream and task != known.downstream:
+        raise StimulusError(f"checkpoint {path} was trained for downstream {task!r}, not {known.downstream!r}: pass a checkpoint of this task")
+
+
 def _torch_version() -> str:
     import torch
 
@@ -145,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv, notes = resolve_arguments(argv)
         prepare_s3prl_stack()
+        check_past_checkpoint(argv)
     except StimulusError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

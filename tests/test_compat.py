@@ -302,3 +302,25 @@ def test_launcher_trains_and_evaluates_a_downstream_through_unmodified_s3prl(tmp
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     # -m evaluate logs at global_step 0; dev-best.ckpt is the step-4 model, so it scores what step 4 scored
     assert float((expdir / "dev-0.loss").read_text()) == pytest.approx(float((expdir / "dev-4.loss").read_text()), rel=1e-5)
+
+
+def test_launcher_refuses_checkpoints_of_another_task(tmp_path):
+    import argparse
+
+    import torch
+
+    from s3prl_stimulus.compat import prepare_s3prl_stack
+    from s3prl_stimulus.errors import StimulusError
+    from s3prl_stimulus.run_downstream import check_past_checkpoint
+
+    prepare_s3prl_stack()
+    ckpt = tmp_path / "dev-best.ckpt"
+    torch.save({"Args": argparse.Namespace(downstream="asr"), "Step": 3}, ckpt)
+    with pytest.raises(StimulusError, match="trained for downstream 'asr', not 'emotion_stimulus'"):
+        check_past_checkpoint(["-m", "evaluate", "-d", "emotion_stimulus", "-e", str(ckpt)])
+    check_past_checkpoint(["-m", "evaluate", "-e", str(ckpt)])  # no -d: S3PRL runs the checkpoint's own task
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(StimulusError, match="not an S3PRL downstream checkpoint"):
+        check_past_checkpoint(["-m", "evaluate", "-e", str(tmp_path / "junk.ckpt")])
+    with pytest.raises(StimulusError, match="does not exist"):
+        check_past_checkpoint(["-m", "evaluate", "-e", str(tmp_path / "missing.ckpt")])
