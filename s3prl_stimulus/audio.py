@@ -200,6 +200,18 @@ def present_clips(audio_dir: str | os.PathLike, clips: Iterable[str]) -> list[st
 # --- waveform statistics ------------------------------------------------------------------------
 
 
+STD_EPSILON = 1e-6  # the authors' (EMO-SUPERB's) guard in (x - mean) / (std + 1e-6)
+
+
+def normalise_waveform(samples: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """The paper's waveform normalisation ``(x - mean) / (std + 1e-6)``, float32 in, float32 out.
+
+    One definition for the S3PRL path and the feature cache, so both round identically
+    (NumPy 2 keeps float32 with Python-float operands).
+    """
+    return ((samples - mean) / (std + STD_EPSILON)).astype(np.float32, copy=False)
+
+
 def waveform_stats(paths: Sequence[str | os.PathLike]) -> dict:
     """Mean and population std of every sample of ``paths`` in one streaming pass.
 

@@ -30,7 +30,6 @@ DATARC_KEYS = (
 )
 NORMALISATIONS = ("train_mean_std", "none")
 STATS_FILE = "waveform_stats.json"
-STD_EPSILON = 1e-6  # the authors' (EMO-SUPERB's) guard in (x - mean) / (std + 1e-6)
 NOTE = "[emotion_stimulus]"
 
 
@@ -223,10 +222,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int):
         wav = audio.read_clip(self.paths[index])[: self.max_samples]
         if self.stats is not None:
-            # (x - mean) / (std + 1e-6) in float32 (NumPy 2 keeps float32 with Python-float operands),
-            # in place on the fresh array: the same values as the cache's out-of-place arithmetic.
-            wav -= self.stats["mean"]
-            wav /= self.stats["std"] + STD_EPSILON
+            wav = audio.normalise_waveform(wav, self.stats["mean"], self.stats["std"])
         return wav, self.targets[index], self.clips[index]
 
 

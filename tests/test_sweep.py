@@ -1,0 +1,243 @@
+"""The batched sweep: every run trains exactly as it would alone, outputs follow the S3PRL path's schema.
+
+Caches here are synthetic (random frame-level hidden states for real CREMA-D clip names, written
+with the cache module's own writer), so the reference can run S3PRL's featurizer arithmetic and the
+downstream's head on the frames themselves, one run at a time, with ragged batches.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s3prl_stimulus import CLASSES, cache, sweep
+from s3prl_stimulus.errors import StimulusError
+
+# S3PRL's optimizers and featurizer code are the reference (no upstream is built here)
+pytestmark = [pytest.mark.s3prl, pytest.mark.skipif(importlib.util.find_spec("s3prl") is None, reason="S3PRL is not installed")]
+
+L, D = 3, 8
+STEPS, EVAL_STEP, BATCH, CLIP = 12, 4, 7, 0.1
+OVERRIDE = (f"config.runner.total_steps={STEPS},,config.runner.eval_step={EVAL_STEP},,"
+            f"config.downstream_expert.datarc.train_batch_size={BATCH},,config.runner.gradient_clipping={CLIP},,"
+            "config.downstream_expert.modelrc.projector_dim=16,,config.downstream_expert.evalrc.bootstrap_samples=20,,"
+            "config.optimizer.lr=1.0e-3")  # 10x the paper's: trajectories move further in 12 steps
+
+
+def write_synthetic_cache(cache_dir: Path, clips: list, fold, hidden: dict, name="synthetic") -> Path:
+    """A complete cache of ``hidden[clip]`` ([L, T, D] frames): means, layer-normalised means, frame counts."""
+    from s3prl_stimulus.audio import clips_fingerprint
+    from s3prl_stimulus.partition import split_clips
+    from s3prl_stimulus.testing import clip_samples
+
+    samples = {c: clip_samples(c) for c in clips}
+    order, lengths = cache.sorted_by_length(samples)
+    train = [c for c in split_clips(fold, "train") if c in samples] if fold else None
+    norm = (cache.Normalisation("train_mean_std", fold, 0.0, 1.0, clips_fingerprint(train)) if fold
+            else cache.Normalisation("none"))
+    upstream = {"name": name, "weights_sha256": "0" * 64, "model_config_sha256": None, "feature_selection": "hidden_states",
+                "layer_selection": None, "n_hidden": L, "weighted_sum": True, "dim": D, "downsample_rate": 320}
+    manifest = cache.build_manifest(upstream, norm, None, "fp32", True, order, lengths, chunk_clips=16)
+    cache.prepare_cache_dir(cache_dir, manifest)
+    for i, (a, b) in enumerate(cache.chunk_ranges(len(order), 16)):
+        frames = [hidden[c] for c in order[a:b]]
+        cache.write_chunk(cache.chunk_path(cache_dir, i), {
+            "clips": np.asarray(order[a:b]), "frames": np.asarray([f.shape[1] for f in frames]),
+            "means": np.stack([f.mean(dim=1).numpy() for f in frames]),
+            "ln_means": np.stack([F.layer_norm(f, (D,)).mean(dim=1).numpy() for f in frames]),
+        })
+    cache._finish(cache_dir, manifest)
+    return cache_dir
+
+
+@pytest.fixture(scope="module")
+def grid_data(tmp_path_factory):
+    """40 clips (8 per speaker block: every fold has 24 train, 8 dev, 8 test), frames of 5-40 steps, two fold caches."""
+    from s3prl_stimulus.testing import tiny_clip_subset
+
+    root = tmp_path_factory.mktemp("sweep")
+    clips = tiny_clip_subset(8, fold=None)
+    generator = torch.Generator().manual_seed(0)
+    hidden = {c: torch.randn(L, int(torch.randint(5, 40, (1,), generator=generator)), D, generator=generator) * 2 + 0.5
+              for c in clips}
+    for fold in (1, 2):
+        write_synthetic_cache(root / "caches" / "synthetic" / f"fold{fold}", clips, fold, hidden)
+    return root, clips, hidden
+
+
+# --- the reference: one run alone, frame-level, as the S3PRL path computes it ---------------------
+
+
+def reference_run(run, hidden, config, feature_normalize, initial, clips_by_split, labels, class_weights):
+    from s3prl.optimizers import get_optimizer
+    from s3prl.upstream.interfaces import Featurizer
+
+    from s3prl_stimulus.downstream.emotion_stimulus.model import StimulusHead
+    from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, soft_cross_entropy
+
+    modelrc = config["downstream_expert"]["modelrc"]
+    featurizer = torch.nn.Module()
+    featurizer.weights = torch.nn.Parameter(torch.zeros(L))
+    featurizer.layer_num, featurizer.normalize = L, feature_normalize
+    head = StimulusHead(D, len(CLASSES), modelrc)
+    head.load_state_dict(initial)
+    objective = ClassBalancedSoftCrossEntropy(class_weights)
+    optimizer = get_optimizer([featurizer, head], STEPS, config["optimizer"])
+    params = [featurizer.weights, *head.parameters()]
+
+    def features(clips):  # S3PRL's weighted sum (its own code), each clip alone
+        return [Featurizer._weighted_sum(featurizer, [h.unsqueeze(0) for h in hidden[c]])[0] for c in clips]
+
+    train = clips_by_split["train"]
+    targets = torch.from_numpy(labels.soft_targets(run.train_stimulus, train))
+    shuffler = sweep.EpochShuffler(len(train), BATCH, run.seed, run.fold)
+    best_loss, best_step, clipped = float("inf"), 0, 0
+    for step in range(1, STEPS + 1):
+        batch = shuffler.next_batch()
+        loss = objective(head(features([train[i] for i in batch])), targets[batch])
+        loss.backward()
+        clipped += float(torch.nn.utils.clip_grad_norm_(params, CLIP)) > CLIP
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % EVAL_STEP == 0:
+            with torch.no_grad():
+                dev = clips_by_split["dev"]
+                logits = head(features(dev)).double()
+                dev_loss = soft_cross_entropy(logits, torch.from_numpy(labels.soft_targets(run.train_stimulus, dev)),
+                                              objective.class_weights).item()
+            if dev_loss < best_loss:
+                best_loss, best_step = dev_loss, step
+    return featurizer.weights.detach(), head.state_dict(), best_step, clipped
+
+
+@pytest.mark.parametrize("feature_normalize", [False, True])
+def test_every_stacked_run_trains_exactly_as_it_would_alone(grid_data, feature_normalize):
+    root, clips, hidden = grid_data
+    prepared = sweep.prepare([root / "caches"], (["voice", "all"], [1, 2], [1, 2]), None, OVERRIDE, None, None, "cpu",
+                             feature_normalize)
+    sweep.initialise(prepared, None)
+    result = sweep.train(prepared.head, prepared.grid, prepared.config, progress=False)
+    assert len(prepared.runs) == 8
+    for r, run in enumerate(prepared.runs):
+        data = prepared.grid.folds[run.fold]
+        initial = sweep.initial_head_state(run.seed, D, prepared.config["downstream_expert"]["modelrc"])
+        weights, head_state, best_step, clipped = reference_run(
+            run, hidden, prepared.config, feature_normalize, initial, data.clips, data.labels,
+            data.class_weights[run.train_stimulus])
+        featurizer, ours = sweep.run_state(prepared.head, r)
+        assert clipped > 0 and result.best_step[r] == best_step
+        torch.testing.assert_close(featurizer["weights"], weights, rtol=1e-4, atol=1e-6)
+        for name, value in head_state.items():
+            torch.testing.assert_close(ours[sweep.HEAD_PREFIX + name], value, rtol=1e-4, atol=1e-6)
+            assert (value - initial[name]).abs().max() > 1e-3  # it did train
+
+
+def run_files(out: Path, stimulus: str, fold: int, seed: int) -> Path:
+    return out / "synthetic" / stimulus / f"fold{fold}" / f"seed{seed}"
+
+
+def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, tmp_path):
+    from s3prl_stimulus.metrics import binarize, macro_f1
+
+    root, _, _ = grid_data
+    long, grid = sweep.sweep([root / "caches"], tmp_path, train_stimuli=["voice", "face"], folds=[1], seeds=[3, 4],
+                             override=OVERRIDE, device="cpu", progress=False)
+    directory = run_files(tmp_path, "face", 1, 4)
+    result = json.loads((directory / "results-test-dev-best.json").read_text())
+    assert list(result) == ["schema", "path", "upstream", "upstream_ckpt", "fold", "train_stimulus", "votes", "seed", "step",
+                            "checkpoint", "split", "n_clips", "test_stimuli"]
+    assert (result["path"], result["fold"], result["train_stimulus"], result["seed"], result["split"]) == ("cache", 1, "face", 4, "test")
+    assert result["step"] in (4, 8, 12) and list(result["test_stimuli"]) == ["voice", "face", "av", "all"]
+    frame = pd.read_csv(directory / "predictions-test-dev-best.csv")
+    assert list(frame.columns[:8]) == ["clip", "speaker", *CLASSES] and len(frame) == result["n_clips"] == 8
+    for stimulus, score in result["test_stimuli"].items():
+        truth = frame[[f"{stimulus}_{c}" for c in CLASSES]].to_numpy()
+        assert score["macro_f1"] == pytest.approx(macro_f1(truth, binarize(frame[list(CLASSES)].to_numpy())))
+        assert set(score) == {"macro_f1", "ci95", "per_class_f1", "loss", "n_clips"}
+    weights = json.loads((directory / "layer_weights.json").read_text())["weights"]
+    assert len(weights) == L and sum(weights) == pytest.approx(1.0)
+    history = pd.read_csv(directory / "history.csv")
+    assert list(history["step"]) == [4, 8, 12]
+    assert history.set_index("step")["dev_loss"].idxmin() == result["step"]  # dev-best = lowest dev loss
+    # the dev-best checkpoint scores back to the same predictions through evaluate_checkpoint
+    again, _ = sweep.evaluate_checkpoint([root / "caches"], directory / "dev-best.ckpt", device="cpu")
+    np.testing.assert_allclose(again[list(CLASSES)].to_numpy(), frame[list(CLASSES)].to_numpy(), atol=1e-12)
+    # summary: runs x test stimuli; seed statistics recomputed from it
+    assert len(long) == 2 * 2 * 4 and set(long["seed"]) == {3, 4}
+    summary = pd.read_csv(tmp_path / "synthetic" / "summary.csv")
+    cell = summary[(summary.train_stimulus == "voice") & (summary.test_stimulus == "av")]["macro_f1"]
+    row = grid[(grid.train_stimulus == "voice") & (grid.test_stimulus == "av")].iloc[0]
+    assert row["macro_f1_mean"] == pytest.approx(cell.mean()) and row["macro_f1_std"] == pytest.approx(cell.std(ddof=1))
+    assert row["n_seeds"] == 2
+    table = sweep.grid_table(grid)
+    assert table.loc["voice", "av"] == f"{cell.mean():.4f} ± {cell.std(ddof=1):.4f}"
+    assert json.loads((tmp_path / "synthetic" / "sweep.json").read_text())["runs"] == [
+        "voice/fold1/seed3", "voice/fold1/seed4", "face/fold1/seed3", "face/fold1/seed4"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("config.downstream_expert.modelrc.UtteranceLevel.pooling='AttentivePooling'", "not linear after mean pooling.*run_downstream"),
+    ("config.downstream_expert.modelrc.select='DeepModel'", "not linear after mean pooling"),
+    ("config.downstream_expert.modelrc.UtteranceLevel.post_net={'select': 'FrameLevel', 'FrameLevel': {'hiddens': [32]}}",
+     "not linear after mean pooling"),
+    ("config.optimizer={'name': 'AdamW_with_schedule', 'lr': 1e-4}", "not element-wise"),
+    ("config.runner.fp16=True", "fp16"),
+    ("config.runner.total_steps=10,,config.runner.eval_step=100", "no dev evaluation would choose dev-best"),
+    ("config.downstream_expert.datarc.normalisation='none'", "no cache without normalisation.*--normalisation none"),
+    ("config.downstream_expert.datarc.max_seconds=2", "crops clips at None samples but datarc.max_seconds=2"),
+    ("args.seed=3", "config.\\* overrides only"),
+])
+def test_what_the_cache_path_cannot_reproduce_is_refused(grid_data, tmp_path, override, message):
+    root, _, _ = grid_data
+    with pytest.raises(StimulusError, match=message) as error:
+        sweep.sweep([root / "caches"], tmp_path, train_stimuli=["voice"], folds=[1], override=override, device="cpu",
+                    progress=False)
+    assert "\n" not in str(error.value) and not list(tmp_path.iterdir())
+
+
+def test_caches_that_do_not_fit_the_request_are_refused(grid_data, tmp_path):
+    root, clips, hidden = grid_data
+    base = dict(train_stimuli=["voice"], override=OVERRIDE, device="cpu", progress=False)
+    with pytest.raises(StimulusError, match="no cache normalised with fold 3's training statistics.*--folds 3"):
+        sweep.sweep([root / "caches"], tmp_path / "a", folds=[3], **base)
+    other = write_synthetic_cache(tmp_path / "other" / "fold2", clips, 2, hidden, name="another")
+    with pytest.raises(StimulusError, match="differ in upstream"):
+        sweep.sweep([root / "caches" / "synthetic" / "fold1", other], tmp_path / "b", folds=[1, 2], **base)
+    subset = tmp_path / "subset.txt"
+    subset.write_text("\n".join(clips[:-1]))  # drops a speaker-1073+ clip: fold 1 trains on it
+    with pytest.raises(StimulusError, match="normalised with statistics over another set of fold-1 training clips"):
+        sweep.sweep([root / "caches"], tmp_path / "c", folds=[1], **base | {
+            "override": OVERRIDE + f",,config.downstream_expert.datarc.clips='{subset}'"})
+    unfinished = tmp_path / "unfinished" / "fold1"
+    write_synthetic_cache(unfinished, clips, 1, hidden)
+    (unfinished / cache.COMPLETE).unlink()
+    with pytest.raises(StimulusError, match="unfinished.*rerun the same `s3prl-stimulus extract`"):
+        sweep.sweep([unfinished], tmp_path / "d", folds=[1], **base)
+    with pytest.raises(StimulusError, match="does not exist"):
+        sweep.sweep([tmp_path / "nowhere"], tmp_path / "e", folds=[1], **base)
+    assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_cli_runs_the_grid_and_reports_errors_in_one_line(grid_data, tmp_path, capsys):
+    from s3prl_stimulus.cli import main
+
+    root, _, _ = grid_data
+    code = main(["sweep", "--cache", str(root / "caches"), "--out", str(tmp_path), "--folds", "2", "--seeds", "1", "2",
+                 "--train-stimuli", "av", "-o", OVERRIDE, "--device", "cpu", "--no-progress", "--format", "csv", "--all-steps"])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 runs written" in out and "av," in out
+    directory = run_files(tmp_path, "av", 2, 2)
+    assert (directory / "results-test-dev-best.json").is_file()
+    for step in (4, 8, 12):  # --all-steps: the S3PRL path's per-evaluation files too
+        result = json.loads((directory / f"results-dev-step-{step}.json").read_text())
+        assert (result["step"], result["split"], result["checkpoint"]) == (step, "dev", None)
+        assert (directory / f"predictions-test-step-{step}.csv").is_file()
+    code = main(["sweep", "--cache", str(root / "caches"), "--out", str(tmp_path / "x"), "--folds", "2",
+                 "-o", OVERRIDE + ",,config.downstream_expert.modelrc.select='DeepModel'", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1].startswith("error: ") and "S3PRL" in err.splitlines()[-1]
