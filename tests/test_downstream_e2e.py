@@ -317,3 +317,32 @@ def test_dev_best_by_macro_f1_switch(workspace, tmp_path):
     _, ci = metrics.bootstrap_ci(metrics.macro_f1, truth, metrics.binarize(frame[list(CLASSES)].to_numpy()),
                                  conditions=frame["speaker"].to_numpy(), num_bootstraps=10)
     assert score["ci95"] == list(ci)
+
+
+@pytest.fixture()
+def registered_s3prl():
+    """`s3prl-stimulus register` into the installed S3PRL, undone afterwards."""
+    from s3prl_stimulus.registration import register, s3prl_downstream_dir, unregister
+
+    registration = register()
+    try:
+        yield s3prl_downstream_dir().parent
+    finally:
+        if registration.action != "unchanged":
+            unregister()
+
+
+def test_plain_s3prl_run_downstream_after_register(workspace, registered_s3prl, tmp_path):
+    """S3PRL's own run_downstream.py file, run from its folder, finds the downstream through the link
+    and its default `-c ./downstream/emotion_stimulus/config.yaml` (shims applied: CI's torchaudio needs them)."""
+    from s3prl_stimulus.testing import plain_run_downstream_command
+
+    expdir = tmp_path / "plain"
+    command = plain_run_downstream_command(
+        ["-m", "train", "-d", "emotion_stimulus", "-u", "fbank", "-p", str(expdir), "--device", "cpu",
+         "-o", overrides(workspace / "AudioWAV", **{"config.runner.total_steps": 2})])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    ok(subprocess.run(command, cwd=registered_s3prl, env=env, capture_output=True, text=True, timeout=300))
+    result = results(expdir, "test", "step-2")
+    assert result["path"] == "s3prl" and sorted(result["test_stimuli"]) == sorted(STIMULI)
+    assert (expdir / "dev-best.ckpt").is_file()
