@@ -268,3 +268,23 @@ def _check_unique(clips: pd.Series, where, what: str) -> None:
     duplicated = clips[clips.duplicated()]
     if len(duplicated):
         raise StimulusError(f"votes {where}: clip {duplicated.iloc[0]} appears more than once in the {what}; keep one row per clip")
+
+
+class FoldLabels:
+    """Soft targets (float32) and binary labels of several stimuli for a fixed set of clips.
+
+    ``clips``: clip names, or a dict of split -> clip names (every split's clips are loaded).
+    """
+
+    def __init__(self, source: str | os.PathLike, smoothing: float, stimuli, clips):
+        every = [c for split in clips.values() for c in split] if isinstance(clips, dict) else list(clips)
+        votes = load_votes(source).subset(every)
+        wanted = dict.fromkeys(check_stimulus(s) for s in stimuli)
+        self.soft = {s: label_frame(votes, s, smoothing).astype(np.float32) for s in wanted}
+        self.binary = {s: binary_frame(votes, s) for s in wanted}
+
+    def soft_targets(self, stimulus: str, clips) -> np.ndarray:
+        return self.soft[stimulus].loc[list(clips)].to_numpy(copy=True)
+
+    def binary_labels(self, stimulus: str, clips) -> np.ndarray:
+        return self.binary[stimulus].loc[list(clips)].to_numpy(copy=True)

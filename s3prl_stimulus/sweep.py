@@ -15,8 +15,8 @@ losses and steps one optimizer over the stacked tensors. Runs never interact:
 
 Everything else comes from the same config.yaml the S3PRL path reads (``runner``: steps, clipping,
 accumulation, evaluation schedule; ``datarc``: batch size, votes, smoothing, test stimuli;
-``evalrc``: dev-best rule and bootstrap), and the outputs are written by the S3PRL downstream's
-own functions (``predictions_frame``, ``score_stimuli``), so their schema is identical, with
+``evalrc``: dev-best rule and bootstrap), and the outputs are written by the same
+functions as the S3PRL downstream's (``results.predictions_frame``, ``results.score_stimuli``), so their schema is identical, with
 ``"path": "cache"``.
 
 What differs from the S3PRL path, by design: the initial head parameters (drawn with
@@ -32,7 +32,6 @@ import argparse
 import copy
 import math
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,6 +41,7 @@ import pandas as pd
 
 from s3prl_stimulus import CLASSES, STIMULI
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.labels import FoldLabels
 
 ELEMENTWISE_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta")
 ELEMENTWISE_S3PRL_OPTIMIZERS = ("Adam", "AdamW")
@@ -200,7 +200,7 @@ class FoldData:
     fold: int
     clips: dict  # split -> list of clip names (sorted)
     rows: dict  # split -> np.ndarray of rows in the stacked feature table
-    labels: object  # dataset.FoldLabels
+    labels: FoldLabels
     class_weights: dict = field(default_factory=dict)  # train stimulus -> float32 torch tensor [C]
     _memo: dict = field(default_factory=dict)
 
@@ -258,14 +258,6 @@ def check_crop(cache, datarc: dict) -> None:
         raise StimulusError(f"cache {cache.path} crops clips at {cache.manifest['max_samples']} samples but "
                             f"datarc.max_seconds={datarc.get('max_seconds')} crops at {wanted}: extract with "
                             "--max-seconds matching the config")
-
-
-def fold_labels(votes: str, smoothing: float, stimuli: Sequence[str], clips: dict):
-    """The S3PRL downstream's FoldLabels for ``stimuli`` (duck-typed config: only these four fields are read)."""
-    from s3prl_stimulus.downstream.emotion_stimulus.dataset import FoldLabels
-
-    config = types.SimpleNamespace(votes=votes, smoothing=smoothing, train_stimulus=stimuli[0], test_stimuli=tuple(stimuli[1:]))
-    return FoldLabels(config, clips)
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -464,7 +456,7 @@ def prepare_grid(caches: dict, runs: list, datarc: dict, test_stimuli: Sequence[
         rows = {s: cache.index_of(c) + start for s, c in clips.items()}
         blocks.append(cache.features(feature_normalize))
         start += len(cache.clips)
-        labels = fold_labels(str(datarc["votes"]), float(datarc["smoothing"]), stimuli, clips)
+        labels = FoldLabels(str(datarc["votes"]), float(datarc["smoothing"]), stimuli, clips)
         data = FoldData(fold, clips, rows, labels)
         for stimulus in train_stimuli:
             binary = labels.binary_labels(stimulus, clips["train"])
@@ -693,7 +685,7 @@ def score_evaluation(context: SweepContext, grid: Grid, r: int, logits, split: s
     """Predictions frame and results dict of one run on one split, with the downstream's own functions."""
     import torch
 
-    from s3prl_stimulus.downstream.emotion_stimulus.dataset import predictions_frame, score_stimuli
+    from s3prl_stimulus.results import predictions_frame, score_stimuli
 
     run = grid.runs[r]
     data = grid.folds[run.fold]

@@ -177,3 +177,18 @@ def test_altered_packaged_file_is_refused(tmp_path, monkeypatch):
             load_votes("paper")
     finally:
         resources.packaged_file.cache_clear()
+
+
+def test_fold_labels_look_up_the_label_sets_of_given_clips(paper):
+    from s3prl_stimulus.labels import FoldLabels
+
+    clips = {"train": ["1001_DFA_ANG_XX", "1002_DFA_ANG_XX"], "test": ["1091_WSI_SAD_XX"]}
+    lookup = FoldLabels("paper", 0.01, ["face", "all"], clips)
+    soft = lookup.soft_targets("all", ["1091_WSI_SAD_XX", "1001_DFA_ANG_XX"])
+    assert soft.dtype == np.float32
+    expected = label_frame(paper, "all").loc[["1091_WSI_SAD_XX", "1001_DFA_ANG_XX"]].to_numpy()
+    assert np.allclose(soft, expected, atol=1e-7)
+    assert lookup.binary_labels("face", ["1002_DFA_ANG_XX"]).tolist() == \
+        binary_frame(paper, "face").loc[["1002_DFA_ANG_XX"]].to_numpy().tolist()
+    with pytest.raises(StimulusError, match="unknown stimulus"):
+        FoldLabels("paper", 0.01, ["faces"], clips)

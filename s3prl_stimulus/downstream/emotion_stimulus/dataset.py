@@ -1,4 +1,4 @@
-"""Data side of the ``emotion_stimulus`` downstream: datarc, clips, labels, normalisation, loaders, outputs.
+"""Data side of the ``emotion_stimulus`` downstream: datarc, clips, audio checks, normalisation, loaders.
 
 Everything is validated when the expert is built, before S3PRL's first training step: the datarc
 (unknown or missing keys, fold, stimuli, votes source), the corpus directory and every WAV file
@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from s3prl_stimulus import CLASSES, STIMULI
-from s3prl_stimulus import audio, labels, metrics
+from s3prl_stimulus import STIMULI
+from s3prl_stimulus import audio, labels
 from s3prl_stimulus.errors import StimulusError
-from s3prl_stimulus.partition import check_fold, speakers_of, split_clips
+from s3prl_stimulus.partition import check_fold, split_clips
 
 SPLITS = ("train", "dev", "test")
 DATARC_KEYS = (
@@ -161,26 +160,6 @@ def check_audio(config: DataConfig, clips: dict) -> None:
     report.raise_if_bad(missing_fix=f"{audio.GET_CREMA_D} (it resumes), or train on the clips you have with {_option('clips')}=present")
 
 
-# --- labels -------------------------------------------------------------------------------------
-
-
-class FoldLabels:
-    """Soft targets and binary labels of each stimulus for the fold's clips."""
-
-    def __init__(self, config: DataConfig, clips: dict):
-        every = [c for s in SPLITS for c in clips[s]]
-        votes = labels.load_votes(config.votes).subset(every)
-        wanted = dict.fromkeys((config.train_stimulus, *config.test_stimuli))
-        self.soft = {s: labels.label_frame(votes, s, config.smoothing).astype(np.float32) for s in wanted}
-        self.binary = {s: labels.binary_frame(votes, s) for s in wanted}
-
-    def soft_targets(self, stimulus: str, clips) -> np.ndarray:
-        return self.soft[stimulus].loc[list(clips)].to_numpy(copy=True)
-
-    def binary_labels(self, stimulus: str, clips) -> np.ndarray:
-        return self.binary[stimulus].loc[list(clips)].to_numpy(copy=True)
-
-
 # --- waveform normalisation ---------------------------------------------------------------------
 
 
@@ -241,39 +220,3 @@ def make_loader(dataset: ClipDataset, config: DataConfig, train: bool, epoch: in
         dataset, batch_size=config.train_batch_size if train else config.eval_batch_size,
         shuffle=train and sampler is None, sampler=sampler, num_workers=config.num_workers, collate_fn=collate,
     )
-
-
-# --- evaluation outputs (schema: docs/design.md) ------------------------------------------------
-
-
-def predictions_frame(clips: list, probs: np.ndarray, fold_labels: FoldLabels, test_stimuli) -> pd.DataFrame:
-    """``clip, speaker``, the six probabilities, then ``<stimulus>_<class>`` binary targets per test stimulus."""
-    frame = pd.DataFrame(probs, columns=CLASSES)
-    frame.insert(0, "clip", clips)
-    frame.insert(1, "speaker", speakers_of(clips))
-    for stimulus in test_stimuli:
-        binary = fold_labels.binary_labels(stimulus, clips)
-        frame = frame.assign(**{f"{stimulus}_{c}": binary[:, i] for i, c in enumerate(CLASSES)})
-    return frame
-
-
-def score_stimuli(frame: pd.DataFrame, losses: dict, evalrc: dict) -> dict:
-    """Per test stimulus: corpus-level macro-F1 with its bootstrap CI, per-class F1, loss, n clips.
-
-    Every label set is scored on the same bootstrap resamples (speaker-conditioned if configured).
-    """
-    predicted = metrics.binarize(frame[list(CLASSES)].to_numpy())
-    truths = {s: frame[[f"{s}_{c}" for c in CLASSES]].to_numpy() for s in losses}
-    conditions = frame["speaker"].to_numpy() if evalrc["bootstrap_by_speaker"] else None
-    values = metrics.bootstrap_values(metrics.macro_f1, [(t, predicted) for t in truths.values()],
-                                      conditions, evalrc["bootstrap_samples"], evalrc["bootstrap_seed"])
-    scores = {}
-    for (stimulus, truth), bootstraps in zip(truths.items(), values):
-        scores[stimulus] = {
-            "macro_f1": metrics.macro_f1(truth, predicted),
-            "ci95": list(metrics.percentile_interval(bootstraps, alpha=5)),
-            "per_class_f1": metrics.per_class_f1(truth, predicted),
-            "loss": float(losses[stimulus]),
-            "n_clips": int(len(frame)),
-        }
-    return scores

@@ -23,9 +23,11 @@ from s3prl_stimulus.io import write_csv_atomic, write_json_atomic
 from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, soft_cross_entropy
 from s3prl_stimulus.metrics import binarize, macro_f1
 
+from s3prl_stimulus.labels import FoldLabels
+from s3prl_stimulus.results import predictions_frame, score_stimuli
+
 from .dataset import (
-    NOTE, SPLITS, ClipDataset, DataConfig, FoldLabels, check_audio, fold_clips, make_loader,
-    normalisation_stats, parse_evalrc, predictions_frame, score_stimuli,
+    NOTE, SPLITS, ClipDataset, DataConfig, check_audio, fold_clips, make_loader, normalisation_stats, parse_evalrc,
 )
 from .model import StimulusHead, check_checkpoint, layer_weights, load_checkpoint
 
@@ -41,7 +43,8 @@ class DownstreamExpert(nn.Module):
         self.evalrc = parse_evalrc(downstream_expert.get("evalrc"))
         self.clips = fold_clips(self.config)
         check_audio(self.config, self.clips)
-        self.labels = FoldLabels(self.config, self.clips)
+        stimuli = (self.config.train_stimulus, *self.config.test_stimuli)
+        self.labels = FoldLabels(self.config.votes, self.config.smoothing, stimuli, self.clips)
         # Class-balanced weights from the binarised training labels of the training stimulus.
         train_binary = self.labels.binary_labels(self.config.train_stimulus, self.clips["train"])
         self.objective = ClassBalancedSoftCrossEntropy.from_labels(train_binary)

@@ -1,0 +1,49 @@
+"""Evaluation outputs shared by both training paths (schema: docs/design.md).
+
+``predictions-<split>-<tag>.csv`` holds ``clip, speaker``, the six softmax probabilities and, for each
+test stimulus, its binary labels; ``results-<split>-<tag>.json`` holds, per test stimulus, corpus-level
+macro-F1 with its bootstrap interval, per-class F1, loss and clip count. The S3PRL downstream and the
+feature-cache sweep both build them here, so their files are identical in form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from s3prl_stimulus import CLASSES, metrics
+from s3prl_stimulus.labels import FoldLabels
+from s3prl_stimulus.partition import speakers_of
+
+
+def predictions_frame(clips: list, probs: np.ndarray, fold_labels: FoldLabels, test_stimuli) -> pd.DataFrame:
+    """``clip, speaker``, the six probabilities, then ``<stimulus>_<class>`` binary targets per test stimulus."""
+    frame = pd.DataFrame(probs, columns=CLASSES)
+    frame.insert(0, "clip", clips)
+    frame.insert(1, "speaker", speakers_of(clips))
+    for stimulus in test_stimuli:
+        binary = fold_labels.binary_labels(stimulus, clips)
+        frame = frame.assign(**{f"{stimulus}_{c}": binary[:, i] for i, c in enumerate(CLASSES)})
+    return frame
+
+
+def score_stimuli(frame: pd.DataFrame, losses: dict, evalrc: dict) -> dict:
+    """Per test stimulus: corpus-level macro-F1 with its bootstrap CI, per-class F1, loss, n clips.
+
+    Every label set is scored on the same bootstrap resamples (speaker-conditioned if configured).
+    """
+    predicted = metrics.binarize(frame[list(CLASSES)].to_numpy())
+    truths = {s: frame[[f"{s}_{c}" for c in CLASSES]].to_numpy() for s in losses}
+    conditions = frame["speaker"].to_numpy() if evalrc["bootstrap_by_speaker"] else None
+    values = metrics.bootstrap_values(metrics.macro_f1, [(t, predicted) for t in truths.values()],
+                                      conditions, evalrc["bootstrap_samples"], evalrc["bootstrap_seed"])
+    scores = {}
+    for (stimulus, truth), bootstraps in zip(truths.items(), values):
+        scores[stimulus] = {
+            "macro_f1": metrics.macro_f1(truth, predicted),
+            "ci95": list(metrics.percentile_interval(bootstraps, alpha=5)),
+            "per_class_f1": metrics.per_class_f1(truth, predicted),
+            "loss": float(losses[stimulus]),
+            "n_clips": int(len(frame)),
+        }
+    return scores
