@@ -5,7 +5,9 @@ Small generated corpus (real CREMA-D clip names, so labels come from the package
 Each S3PRL process costs ~7 s of start-up, so runs are shared through session fixtures.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -155,6 +157,19 @@ def test_evaluate_scores_every_label_set_as_recomputed_from_the_predictions(name
         targets = labels.soft_targets(votes.subset(clips).counts(stimulus))
         loss = np.mean((targets @ weights) * -(targets * np.log(probs)).sum(axis=1))
         assert score["loss"] == pytest.approx(loss, rel=1e-6)
+        # `s3prl-stimulus score` on the predictions file gives the same numbers
+        scored = score_cli(expdir / "predictions-test-dev-best.csv", stimulus)
+        assert (scored["macro_f1"], scored["ci95"], scored["per_class_f1"]) == \
+            (score["macro_f1"], score["ci95"], score["per_class_f1"])
+
+
+def score_cli(predictions: Path, stimulus: str) -> dict:
+    from s3prl_stimulus.cli import main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["score", str(predictions), "--test-stimulus", stimulus, "--bootstraps", "200", "--format", "json"]) == 0
+    return json.loads(buffer.getvalue())
 
 
 def test_layer_weights_are_the_softmax_of_the_dev_best_featurizer(wavlm, fbank):
