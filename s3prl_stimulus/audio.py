@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -83,6 +84,37 @@ def read_clip(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise StimulusError(f"audio file {path} is missing: {GET_CREMA_D}")
+    pcm = _read_plain_pcm16(path)
+    if pcm is None:
+        pcm = _read_with_soundfile(path)
+    # int16 -> float32 times 2**-15 is exact and equals soundfile's own float32 scaling.
+    samples = pcm.astype(np.float32)
+    samples *= np.float32(1.0 / 32768)
+    return samples
+
+
+def _read_plain_pcm16(path: Path) -> np.ndarray | None:
+    """The expected format through the standard library's ``wave`` (~2.5x faster than libsndfile per
+    clip, which matters on S3PRL's training hot path); None for anything else, left to soundfile."""
+    try:
+        with open(path, "rb") as raw:
+            header = raw.read(22)
+            # Plain PCM only (format tag 1 in the leading fmt chunk), the one layout the corpus check
+            # accepts; newer Pythons' wave also reads WAVE_FORMAT_EXTENSIBLE, which it refuses.
+            if header[:4] != b"RIFF" or header[8:16] != b"WAVEfmt " or header[20:22] != b"\x01\x00":
+                return None
+            raw.seek(0)
+            with wave.open(raw, "rb") as handle:
+                expected = (handle.getframerate(), handle.getnchannels(), handle.getsampwidth()) == (SAMPLE_RATE, 1, 2)
+                if not expected or handle.getnframes() == 0:
+                    return None
+                return np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
+    except (wave.Error, EOFError, OSError, ValueError):
+        return None
+
+
+def _read_with_soundfile(path: Path) -> np.ndarray:
+    """Read through libsndfile, which also describes whatever else the file is in the error."""
     try:
         with sf.SoundFile(path) as handle:
             problems = _format_problems(handle)
@@ -90,14 +122,9 @@ def read_clip(path: str | os.PathLike) -> np.ndarray:
                 raise StimulusError(
                     f"audio file {path} is {_describe(handle)}; expected 16 kHz mono 16-bit PCM WAV with samples: {CONVERT}"
                 )
-            pcm = handle.read(dtype="int16", always_2d=False)
+            return handle.read(dtype="int16", always_2d=False)
     except sf.SoundFileError as err:
         raise StimulusError(f"cannot read audio file {path} ({err}): {CONVERT}") from None
-    # int16 -> float32 times 2**-15 is exact and equals soundfile's own float32 scaling; reading
-    # int16 and scaling in place here is ~3x faster than asking libsndfile for float32.
-    samples = pcm.astype(np.float32)
-    samples *= np.float32(1.0 / 32768)
-    return samples
 
 
 # --- a whole corpus -----------------------------------------------------------------------------

@@ -41,6 +41,11 @@ def test_read_clip_scales_pcm16_to_float32(tmp_path):
     values = audio.read_clip(write_wav(tmp_path / "a.wav", samples))
     assert values.dtype == np.float32 and values.shape == (1234,)
     np.testing.assert_array_equal(values, samples.astype(np.float32) / 32768)
+    np.testing.assert_array_equal(values, sf.read(tmp_path / "a.wav", dtype="float32")[0])
+    # Anything the fast reader does not take goes to libsndfile, which names what the file is
+    sf.write(tmp_path / "x.wav", samples, 16000, format="WAVEX", subtype="PCM_16")
+    with pytest.raises(StimulusError, match="x.wav is WAVEX/PCM_16"):
+        audio.read_clip(tmp_path / "x.wav")
 
 
 @pytest.mark.parametrize(
