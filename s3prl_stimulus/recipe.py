@@ -49,6 +49,7 @@ from s3prl_stimulus import STIMULI
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import write_json_atomic, write_text_atomic
 from s3prl_stimulus.partition import FOLDS, check_fold
+from s3prl_stimulus.results import FINAL_PREDICTIONS as PREDICTIONS_FILE, FINAL_RESULTS as RESULTS_FILE
 
 PATHS = ("s3prl", "cache")
 PAPER_UPSTREAMS = (
@@ -64,8 +65,6 @@ DOWNSTREAM = "emotion_stimulus"
 DATARC = "config.downstream_expert.datarc"
 RECIPE_OWNED_OPTIONS = ("audio_dir", "fold", "train_stimulus", "votes", "clips")
 """datarc options the recipe sets for every run (use its own options to change them, not --override)."""
-RESULTS_FILE = "results-test-dev-best.json"
-PREDICTIONS_FILE = "predictions-test-dev-best.csv"
 DEV_BEST = "dev-best.ckpt"
 TRAINED_MARKER = "recipe-train.done"
 STATES_GLOB = "states-*.ckpt"

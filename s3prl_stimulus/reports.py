@@ -42,9 +42,8 @@ from s3prl_stimulus import CLASSES, STIMULI
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import atomic_path, write_csv_atomic, write_text_atomic
 from s3prl_stimulus.partition import FOLDS, split_clips
+from s3prl_stimulus.results import FINAL_PREDICTIONS as PREDICTIONS_FILE, FINAL_RESULTS as RESULTS_FILE
 
-RESULTS_FILE = "results-test-dev-best.json"
-PREDICTIONS_FILE = "predictions-test-dev-best.csv"
 LAYER_WEIGHTS_FILE = "layer_weights.json"
 SCHEMA = 1
 REQUIRED_KEYS = ("schema", "path", "upstream", "fold", "train_stimulus", "votes", "seed", "split")

@@ -8,12 +8,36 @@ feature-cache sweep both build them here, so their files are identical in form.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from s3prl_stimulus import CLASSES, metrics
+from s3prl_stimulus.io import write_csv_atomic, write_json_atomic
 from s3prl_stimulus.labels import FoldLabels
 from s3prl_stimulus.partition import speakers_of
+
+FINAL_TAG = "dev-best"
+"""A run's reportable evaluation: its dev-best checkpoint on the test split."""
+
+
+def predictions_name(split: str, tag: str) -> str:
+    return f"predictions-{split}-{tag}.csv"
+
+
+def results_name(split: str, tag: str) -> str:
+    return f"results-{split}-{tag}.json"
+
+
+FINAL_RESULTS = results_name("test", FINAL_TAG)
+FINAL_PREDICTIONS = predictions_name("test", FINAL_TAG)
+
+
+def write_evaluation(expdir: str | Path, split: str, tag: str, frame: pd.DataFrame, result: dict) -> None:
+    """Both files of one evaluation, each written atomically."""
+    write_csv_atomic(Path(expdir) / predictions_name(split, tag), frame)
+    write_json_atomic(Path(expdir) / results_name(split, tag), result)
 
 
 def predictions_frame(clips: list, probs: np.ndarray, fold_labels: FoldLabels, test_stimuli) -> pd.DataFrame:

@@ -42,6 +42,8 @@ import pandas as pd
 from s3prl_stimulus import CLASSES, STIMULI
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.labels import FoldLabels
+from s3prl_stimulus.results import predictions_frame, score_stimuli
+from s3prl_stimulus.results import write_evaluation as write_scored  # this module's write_evaluation scores first
 
 ELEMENTWISE_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta")
 ELEMENTWISE_S3PRL_OPTIMIZERS = ("Adam", "AdamW")
@@ -682,10 +684,8 @@ def metadata(context: SweepContext, run: Run, split: str, step: int, checkpoint:
 
 def score_evaluation(context: SweepContext, grid: Grid, r: int, logits, split: str, step: int,
                      checkpoint: Optional[str]) -> tuple[pd.DataFrame, dict]:
-    """Predictions frame and results dict of one run on one split, with the downstream's own functions."""
+    """Predictions frame and results dict of one run on one split, built as the S3PRL path builds them."""
     import torch
-
-    from s3prl_stimulus.results import predictions_frame, score_stimuli
 
     run = grid.runs[r]
     data = grid.folds[run.fold]
@@ -695,13 +695,6 @@ def score_evaluation(context: SweepContext, grid: Grid, r: int, logits, split: s
     losses = {s: split_loss(grid, r, logits, split, s) for s in context.test_stimuli}
     scores = score_stimuli(frame, losses, context.evalrc)
     return frame, metadata(context, run, split, step, checkpoint) | {"n_clips": len(clips), "test_stimuli": scores}
-
-
-def write_scored(directory: Path, split: str, tag: str, frame: pd.DataFrame, result: dict) -> None:
-    from s3prl_stimulus.io import write_csv_atomic, write_json_atomic
-
-    write_csv_atomic(directory / f"predictions-{split}-{tag}.csv", frame)
-    write_json_atomic(directory / f"results-{split}-{tag}.json", result)
 
 
 def write_evaluation(context: SweepContext, grid: Grid, r: int, logits, split: str, tag: str, step: int,

@@ -19,12 +19,12 @@ from torch import nn
 
 from s3prl_stimulus import CLASSES
 from s3prl_stimulus.errors import StimulusError
-from s3prl_stimulus.io import write_csv_atomic, write_json_atomic
+from s3prl_stimulus.io import write_json_atomic
 from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, soft_cross_entropy
 from s3prl_stimulus.metrics import binarize, macro_f1
 
 from s3prl_stimulus.labels import FoldLabels
-from s3prl_stimulus.results import predictions_frame, score_stimuli
+from s3prl_stimulus.results import FINAL_TAG, predictions_frame, score_stimuli, write_evaluation
 
 from .dataset import (
     NOTE, SPLITS, ClipDataset, DataConfig, check_audio, fold_clips, make_loader, normalisation_stats, parse_evalrc,
@@ -101,8 +101,7 @@ class DownstreamExpert(nn.Module):
         scores = score_stimuli(frame, losses, self.evalrc)
         tag, step = self._tag(global_step)
         result = self._metadata(split, step) | {"n_clips": len(clips), "test_stimuli": scores}
-        write_csv_atomic(self.expdir / f"predictions-{split}-{tag}.csv", frame)
-        write_json_atomic(self.expdir / f"results-{split}-{tag}.json", result)
+        write_evaluation(self.expdir, split, tag, frame, result)
         for stimulus, score in scores.items():
             logger.add_scalar(f"{prefix}-{stimulus}-macro_f1", score["macro_f1"], global_step=global_step)
             logger.add_scalar(f"{prefix}-{stimulus}-loss", score["loss"], global_step=global_step)
@@ -148,5 +147,5 @@ class DownstreamExpert(nn.Module):
             return  # one hidden state (e.g. fbank): no weighted sum to report
         keys = ("upstream", "fold", "train_stimulus", "checkpoint")
         record = {k: v for k, v in self._metadata("test", step).items() if k in keys} | {"step": step, "weights": weights}
-        name = "layer_weights.json" if tag == "dev-best" else f"layer_weights-{tag}.json"
+        name = "layer_weights.json" if tag == FINAL_TAG else f"layer_weights-{tag}.json"
         write_json_atomic(self.expdir / name, record)
