@@ -1,8 +1,8 @@
 """``s3prl-stimulus`` command line: a thin shell over the package's modules.
 
-Each subcommand lives in ``s3prl_stimulus/commands/<name>.py`` and defines ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int``. Commands are imported only when invoked,
-so ``s3prl-stimulus agreement`` never pays for importing torch or S3PRL.
+Each subcommand lives in ``s3prl_stimulus/commands/<name>.py`` and defines ``add_arguments(parser)``
+and ``run(args) -> int``; its one-line help is in :data:`COMMANDS` here. Commands are imported only
+when invoked, so ``s3prl-stimulus --help`` or ``agreement`` never pays for importing torch or S3PRL.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ from s3prl_stimulus.agreement import agreement_matrix
 from s3prl_stimulus.commands.common import add_format_argument, add_votes_arguments, votes_from_args
 from s3prl_stimulus.tables import render
 
-HELP = "CCC agreement between the label sets of the four stimuli (Table II)"
-
 
 def add_arguments(parser):
     add_votes_arguments(parser)

@@ -7,8 +7,6 @@ import json
 
 from s3prl_stimulus.corpus import DEFAULT_BASE_URL, download_corpus, parse_clip_list
 
-HELP = "download CREMA-D's AudioWAV clips, verified against the packaged manifest"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, metavar="DIR", help="directory that receives <clip>.wav files (created if needed)")

@@ -6,8 +6,6 @@ import argparse
 
 from s3prl_stimulus.partition import FOLDS
 
-HELP = "feature cache: encode every clip once with a frozen upstream"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, metavar="DIR", help="CREMA-D's AudioWAV directory")

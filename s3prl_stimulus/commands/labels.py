@@ -6,8 +6,6 @@ from s3prl_stimulus.label_files import LAYOUTS, write_label_files
 from s3prl_stimulus.labels import DEFAULT_SMOOTHING, check_smoothing
 from s3prl_stimulus.partition import FOLDS, check_fold
 
-HELP = "write label files per stimulus and fold (EMO-SUPERB or the authors' layout)"
-
 
 def add_arguments(parser):
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the label files to")

@@ -2,8 +2,6 @@
 
 from s3prl_stimulus.registration import register
 
-HELP = "link the emotion_stimulus downstream into an S3PRL checkout or install"
-
 _MESSAGES = {
     "created": "registered: {link} -> {source}",
     "replaced": "registered (replaced a link to another installation): {link} -> {source}",

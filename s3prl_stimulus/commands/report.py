@@ -6,8 +6,6 @@ import argparse
 
 from s3prl_stimulus.reports import ScoreSettings, make_report
 
-HELP = "tables and figures from a results directory (Tables II-IV, Fig. 2)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results_dir", metavar="RESULTS_DIR",

@@ -25,8 +25,6 @@ from s3prl_stimulus.metrics import binarize, summary
 from s3prl_stimulus.partition import check_fold, split_clips, speakers_of
 from s3prl_stimulus.tables import render
 
-HELP = "score a predictions CSV against a label set (macro-F1 with bootstrap CI)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("predictions", help="CSV with a 'clip' column and one probability column per class")

@@ -8,8 +8,6 @@ from s3prl_stimulus.commands.common import add_format_argument, add_votes_argume
 from s3prl_stimulus.labels import Votes, binary_labels
 from s3prl_stimulus.tables import render
 
-HELP = "clips, votes and positives per class for each stimulus"
-
 
 def add_arguments(parser):
     add_votes_arguments(parser)

@@ -8,8 +8,6 @@ from s3prl_stimulus import STIMULI
 from s3prl_stimulus.partition import FOLDS
 from s3prl_stimulus.tables import FORMATS, render
 
-HELP = "feature cache: train and cross-test the stimulus x fold x seed grid from a cache"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", required=True, nargs="+", metavar="DIR",

@@ -3,9 +3,7 @@
 from s3prl_stimulus.commands.register import add_arguments  # same --s3prl option
 from s3prl_stimulus.registration import unregister
 
-HELP = "remove the link made by `register`"
-
-__all__ = ["HELP", "add_arguments", "run"]
+__all__ = ["add_arguments", "run"]
 
 
 def run(args) -> int:

@@ -8,8 +8,6 @@ import os
 
 from s3prl_stimulus.corpus import SAMPLE_RATE, SILENCE_DBFS, parse_clip_list, verify_corpus
 
-HELP = "check a CREMA-D AudioWAV directory (presence, size, checksum, WAV format)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, metavar="DIR", help="directory holding <clip>.wav files")

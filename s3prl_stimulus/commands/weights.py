@@ -9,8 +9,6 @@ from s3prl_stimulus.loss import class_balanced_weights
 from s3prl_stimulus.partition import split_clips
 from s3prl_stimulus.tables import render
 
-HELP = "positives per class and class-balanced loss weights for a fold's training set"
-
 
 def add_arguments(parser):
     parser.add_argument("--fold", required=True, help="EMO-SUPERB fold, 1-5")
