@@ -218,6 +218,17 @@ def check_corpus_dir(audio_dir: str | os.PathLike | None, option: str = "audio_d
     return path
 
 
+def read_clip_list(path: str | os.PathLike, option: str = "--clips") -> list[str]:
+    """Clip names from a text file, one per line (``.wav`` optional; blank lines and ``#`` comments
+    ignored), in file order without repeats. ``option`` names the setting in the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise StimulusError(f"{option}={path} is neither all, present nor a clip-list file: "
+                            "give a text file with one CREMA-D clip name per line")
+    items = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return list(dict.fromkeys(Path(item).name.removesuffix(".wav") for item in items if item))
+
+
 def present_clips(audio_dir: str | os.PathLike, clips: Iterable[str]) -> list[str]:
     """The ``clips`` whose WAV file exists in ``audio_dir`` (order kept)."""
     present = _wav_names(Path(audio_dir))

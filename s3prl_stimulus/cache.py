@@ -40,7 +40,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from s3prl_stimulus import __version__
-from s3prl_stimulus.audio import SAMPLE_RATE, normalise_waveform
+from s3prl_stimulus.audio import SAMPLE_RATE, normalise_waveform, read_clip_list
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import atomic_path, write_json_atomic
 
@@ -460,15 +460,6 @@ def select_clips(audio_dir, clips) -> list[str]:
     if not chosen:
         raise StimulusError(f"no clips to extract from {audio_dir} (--clips {clips})")
     return sorted(dict.fromkeys(chosen))
-
-
-def read_clip_list(path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise StimulusError(f"--clips {path} is neither all, present nor a clip-list file: give a text file with one "
-                            "CREMA-D clip name per line")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [n[:-4] if n.endswith(".wav") else n for n in names]
 
 
 def scan_clips(audio_dir, clips) -> dict:

@@ -53,6 +53,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from s3prl_stimulus.audio import read_clip_list
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.resources import packaged_file
 
@@ -113,13 +114,10 @@ def parse_clip_list(spec: str) -> list[str]:
 
     Names may carry ``.wav``; blank lines and ``#`` comments are ignored.
     """
-    path = Path(spec)
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        items = [line.split("#", 1)[0].strip() for line in lines]
+    if Path(spec).is_file():
+        clips = read_clip_list(spec)
     else:
-        items = [item.strip() for item in spec.split(",")]
-    clips = [Path(item).name.removesuffix(".wav") for item in items if item]
+        clips = [Path(item.strip()).name.removesuffix(".wav") for item in spec.split(",") if item.strip()]
     if not clips:
         raise StimulusError(f"no clip names in {spec!r}: give a comma-separated list or a file with one clip per line")
     return list(dict.fromkeys(clips))

@@ -222,7 +222,7 @@ class FoldData:
 
 def fold_clip_sets(cache, fold: int, datarc: dict) -> dict:
     """The fold's train/dev/test clips that the cache holds (and ``datarc.clips`` lists), sorted."""
-    from s3prl_stimulus.cache import read_clip_list
+    from s3prl_stimulus.audio import read_clip_list
     from s3prl_stimulus.partition import split_clips
 
     keep = set(cache.clips)

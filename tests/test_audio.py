@@ -132,3 +132,11 @@ def test_waveform_stats_json_round_trip_and_mismatch(tmp_path):
     with pytest.raises(StimulusError, match="delete it to recompute"):
         audio.load_waveform_stats(path)
     assert audio.clips_fingerprint(["b", "a"]) == audio.clips_fingerprint(["a", "b"]) != audio.clips_fingerprint(["a"])
+
+
+def test_read_clip_list(tmp_path):
+    listing = tmp_path / "clips.txt"
+    listing.write_text("# my subset\n1001_DFA_ANG_XX.wav\n\n1001_DFA_DIS_XX  # second\n1001_DFA_ANG_XX\n")
+    assert audio.read_clip_list(listing) == ["1001_DFA_ANG_XX", "1001_DFA_DIS_XX"]
+    with pytest.raises(StimulusError, match="datarc.clips=.*nowhere.txt is neither all, present nor a clip-list file"):
+        audio.read_clip_list(tmp_path / "nowhere.txt", option="datarc.clips")

@@ -133,7 +133,7 @@ def fold_clips(config: DataConfig) -> dict:
     if config.clips == "present":
         keep = set(audio.present_clips(config.audio_dir, [c for clips in full.values() for c in clips]))
     else:
-        keep = _read_clip_list(Path(config.clips))
+        keep = set(audio.read_clip_list(config.clips, option=_option("clips")))
     kept = {split: [c for c in clips if c in keep] for split, clips in full.items()}
     left_out = sum(len(full[s]) - len(kept[s]) for s in SPLITS)
     counts = ", ".join(f"{len(kept[s])} of {len(full[s])} {s}" for s in SPLITS)
@@ -144,14 +144,6 @@ def fold_clips(config: DataConfig) -> dict:
         raise StimulusError(f"datarc.clips={config.clips} leaves no {'/'.join(empty)} clips in fold {config.fold}: "
                             "give clips of every split, or clips=all")
     return kept
-
-
-def _read_clip_list(path: Path) -> set:
-    if not path.is_file():
-        raise StimulusError(f"{_option('clips')}={path} is neither all, present nor a clip-list file: "
-                            "give a text file with one CREMA-D clip name per line")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {name[:-4] if name.endswith(".wav") else name for name in names}
 
 
 def check_audio(config: DataConfig, clips: dict) -> None:
