@@ -42,7 +42,7 @@ import numpy as np
 from s3prl_stimulus import __version__
 from s3prl_stimulus.audio import SAMPLE_RATE, normalise_waveform, read_clip_list
 from s3prl_stimulus.errors import StimulusError
-from s3prl_stimulus.io import atomic_path, write_json_atomic
+from s3prl_stimulus.io import atomic_path, sha256_file, write_json_atomic
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -211,14 +211,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _disk_error(err: OSError, path: Path) -> StimulusError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return StimulusError(f"disk full while writing {path}: free space on {path.parent} (or pass another --out) "
@@ -234,7 +226,7 @@ def write_chunk(path: Path, arrays: dict) -> None:
                 np.savez(handle, **arrays)
                 handle.flush()
                 os.fsync(handle.fileno())
-            info = {"sha256": _file_sha256(tmp), "bytes": tmp.stat().st_size, "n_clips": int(len(arrays["clips"]))}
+            info = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size, "n_clips": int(len(arrays["clips"]))}
         write_json_atomic(_sidecar(path), info)
     except OSError as err:
         raise _disk_error(err, path) from None
@@ -245,7 +237,7 @@ def chunk_is_valid(path: Path, expected_clips: Sequence[str] | None = None) -> b
     sidecar = _sidecar(path)
     try:
         info = json.loads(sidecar.read_text(encoding="utf-8"))
-        if path.stat().st_size != info["bytes"] or _file_sha256(path) != info["sha256"]:
+        if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
             return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -323,7 +315,7 @@ def weights_sha256(module) -> str:
 
 
 def _file_hash_or_none(path) -> Optional[str]:
-    return _file_sha256(Path(path)) if path and Path(path).is_file() else None
+    return sha256_file(Path(path)) if path and Path(path).is_file() else None
 
 
 def upstream_fields(spec: UpstreamSpec, upstream, featurizer) -> dict:

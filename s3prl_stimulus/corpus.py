@@ -37,7 +37,6 @@ the video/MP3 renderings as much as the WAVs, ``verify`` measures silence itself
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import http.client
 import math
 import os
@@ -55,6 +54,7 @@ import pandas as pd
 
 from s3prl_stimulus.audio import read_clip_list
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.io import sha256_file
 from s3prl_stimulus.resources import packaged_file
 
 DEFAULT_BASE_URL = "https://media.githubusercontent.com/media/CheyneyComputerScience/CREMA-D/master/AudioWAV/"
@@ -139,14 +139,6 @@ def select_clips(manifest: pd.DataFrame, clips: Optional[Sequence[str]] = None) 
 # --- file checks --------------------------------------------------------------------------------
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_problem(path: Path, size: int, sha256: str, checksum: bool = True) -> Optional[str]:
     """None when ``path`` has the manifest's size (and SHA-256); else what is wrong, in words."""
     if not path.is_file():
@@ -155,7 +147,7 @@ def file_problem(path: Path, size: int, sha256: str, checksum: bool = True) -> O
     if actual != size:
         return f"size {actual} bytes, expected {size}"
     if checksum:
-        digest = sha256_of(path)
+        digest = sha256_file(path)
         if digest != sha256:
             return f"sha256 {digest[:12]}…, expected {sha256[:12]}…"
     return None
@@ -488,7 +480,7 @@ def check_clip(corpus: Path, clip: str, size: int, sha256: str, checksum: bool =
     if problem:
         return ClipCheck(clip, "format", problem, flags, round(seconds, 4), rounded)
     if checksum:
-        digest = sha256_of(path)
+        digest = sha256_file(path)
         if digest != sha256:
             return ClipCheck(clip, "checksum", f"sha256 {digest[:12]}…, expected {sha256[:12]}…", flags, round(seconds, 4), rounded)
     return ClipCheck(clip, "ok", "", flags, round(seconds, 4), rounded)

@@ -4,6 +4,7 @@ so an interrupted or failed run never leaves a half-written file under its final
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -40,3 +41,12 @@ def write_csv_atomic(path: str | os.PathLike, frame, **to_csv_kwargs) -> None:
     to_csv_kwargs.setdefault("index", False)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, **to_csv_kwargs)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks (corpus clips, cache chunks, checkpoints, packaged data)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

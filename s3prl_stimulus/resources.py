@@ -8,10 +8,10 @@ installation was altered or corrupted: reinstall rather than silently train on d
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.io import sha256_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -31,7 +31,7 @@ def packaged_file(name: str) -> Path:
     path = DATA_DIR / name
     if not path.is_file():
         raise StimulusError(f"packaged data file {path} is missing: reinstall s3prl-stimulus (pip install --force-reinstall s3prl-stimulus)")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if digest != SHA256[name]:
         raise StimulusError(
             f"packaged data file {path} fails its checksum (sha256 {digest[:12]}…, expected {SHA256[name][:12]}…): "
