@@ -1,13 +1,17 @@
-"""Build hook only (metadata and options live in setup.cfg).
+"""Packages and a build hook (metadata and the other options live in setup.cfg).
 
-Ships ``s3prl_stimulus_alias.pth`` at the root of the wheel, i.e. into site-packages, for both
+The S3PRL downstream is the top-level ``downstream/`` folder, laid out as in S3PRL's own tree and readable
+on its own; it installs as the subpackage ``s3prl_stimulus.downstream`` (``package_dir``), for regular and
+editable installs alike.
+
+The hook ships ``s3prl_stimulus_alias.pth`` at the root of the wheel, i.e. into site-packages, for both
 ``pip install .`` and ``pip install -e .``. Python runs it at start-up: it lets S3PRL's runner find
-``-d emotion_stimulus`` in every process of the environment (see ``s3prl_stimulus/registration.py``).
+``-d emotion_stimulus`` in every process of the environment (see ``s3prl_stimulus/integration/registration.py``).
 """
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PTH = "s3prl_stimulus_alias.pth"
@@ -26,4 +30,10 @@ class build_py_with_pth(build_py):
         self.copy_file(os.path.join(HERE, PTH), os.path.join(target_dir, PTH), preserve_mode=False)
 
 
-setup(cmdclass={"build_py": build_py_with_pth})
+DOWNSTREAM_PACKAGES = ["s3prl_stimulus.downstream", "s3prl_stimulus.downstream.emotion_stimulus"]
+
+setup(
+    packages=find_packages(include=["s3prl_stimulus", "s3prl_stimulus.*"]) + DOWNSTREAM_PACKAGES,
+    package_dir={"s3prl_stimulus.downstream": "downstream"},
+    cmdclass={"build_py": build_py_with_pth},
+)

@@ -78,7 +78,7 @@ def make_wavlm(path: Path, layers: int, dim: int, conv_channels: int, heads: int
     """A random-weight WavLM checkpoint for ``-u wavlm_local`` (Large: 24 layers, 1024, 512 conv channels, 16 heads)."""
     import torch
 
-    from s3prl_stimulus.compat import prepare_s3prl_stack
+    from s3prl_stimulus.integration.compat import prepare_s3prl_stack
 
     prepare_s3prl_stack()
     from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig

@@ -91,8 +91,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from s3prl_stimulus import run_downstream
-    from s3prl_stimulus.compat import prepare_s3prl_stack
+    from s3prl_stimulus.integration import launcher as run_downstream
+    from s3prl_stimulus.integration.compat import prepare_s3prl_stack
     from s3prl_stimulus.testing import make_corpus, tiny_clip_subset
 
     prepare_s3prl_stack()

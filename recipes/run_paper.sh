@@ -78,7 +78,7 @@ run() {
     if [ "${dry_run}" = true ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 
-# Options shared by stages 2 and 3 (s3prl_stimulus/recipe.py).
+# Options shared by stages 2 and 3 (s3prl_stimulus/study/recipe/).
 recipe_options=(--path "${path}" --root "${expdir}" --corpus "${corpus}" --upstreams "${upstreams}"
                 --stimuli "${stimuli}" --folds "${folds}" --seeds "${seeds}" --votes "${votes}" --clips "${clips}"
                 --override "${override}" --python "$(command -v "${python}" || echo "${python}")")
@@ -117,12 +117,12 @@ fi
 
 if [ "${stage}" -le 2 ] && [ "${stop_stage}" -ge 2 ]; then
     log "Stage 2: train every (upstream, train stimulus, fold, seed) on the ${path} path"
-    "${python}" -m s3prl_stimulus.recipe train "${recipe_options[@]}" "${launch_options[@]}" || failed_stages+=(2)
+    "${python}" -m s3prl_stimulus.study.recipe train "${recipe_options[@]}" "${launch_options[@]}" || failed_stages+=(2)
 fi
 
 if [ "${stage}" -le 3 ] && [ "${stop_stage}" -ge 3 ]; then
     log "Stage 3: cross-test every dev-best checkpoint on every label set"
-    "${python}" -m s3prl_stimulus.recipe evaluate "${recipe_options[@]}" "${launch_options[@]}" || failed_stages+=(3)
+    "${python}" -m s3prl_stimulus.study.recipe evaluate "${recipe_options[@]}" "${launch_options[@]}" || failed_stages+=(3)
 fi
 
 if [ "${stage}" -le 4 ] && [ "${stop_stage}" -ge 4 ]; then

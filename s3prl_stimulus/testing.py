@@ -84,7 +84,7 @@ def make_tiny_wavlm(path, extractor_mode: str = "layer_norm", layers: int = 2, d
     Gated relative position embedding on, like the released WavLM models. The upstream gives
     ``layers + 1`` hidden states of width ``dim`` at 50 frames per second.
     """
-    from s3prl_stimulus.compat import prepare_s3prl_stack
+    from s3prl_stimulus.integration.compat import prepare_s3prl_stack
 
     cfg = _encoder_config(extractor_mode, layers, dim, conv_channels=32)  # validate before importing S3PRL
     prepare_s3prl_stack()
@@ -102,7 +102,7 @@ def make_tiny_hubert(path, extractor_mode: str = "default", layers: int = 2, dim
     Layout read by ``s3prl/upstream/hubert/convert.py``: ``task_cfg``, ``model_cfg``,
     ``model_weight`` and ``dictionaries_symbols`` (the k-means targets' symbols; unused for features).
     """
-    from s3prl_stimulus.compat import prepare_s3prl_stack
+    from s3prl_stimulus.integration.compat import prepare_s3prl_stack
 
     model_cfg = _encoder_config(extractor_mode, layers, dim, conv_channels=32)
     prepare_s3prl_stack()
@@ -126,7 +126,7 @@ def make_tiny_wav2vec2(path, extractor_mode: str = "layer_norm", layers: int = 2
 
     Layout read by ``s3prl/upstream/wav2vec2/convert.py``: ``task_cfg``, ``model_cfg``, ``model_weight``.
     """
-    from s3prl_stimulus.compat import prepare_s3prl_stack
+    from s3prl_stimulus.integration.compat import prepare_s3prl_stack
 
     model_cfg = _encoder_config(extractor_mode, layers, dim, conv_channels=32)
     prepare_s3prl_stack()
@@ -145,7 +145,7 @@ def make_tiny_wav2vec2(path, extractor_mode: str = "layer_norm", layers: int = 2
 
 _PLAIN_RUN = """\
 import runpy, sys
-from s3prl_stimulus.compat import prepare_s3prl_stack
+from s3prl_stimulus.integration.compat import prepare_s3prl_stack
 prepare_s3prl_stack()
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "s3prl_stimulus_alias", None)]
 sys.argv = ["run_downstream.py"] + sys.argv[1:]
@@ -173,7 +173,7 @@ def plain_run_downstream_command(args: Sequence[str]) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _manifest_samples() -> dict:
     """Samples per CREMA-D clip, from the packaged AudioWAV manifest's file sizes."""
-    from s3prl_stimulus.corpus import load_manifest
+    from s3prl_stimulus.study.corpus import load_manifest
 
     manifest = load_manifest()
     samples = (manifest["bytes"] - WAV_HEADER_BYTES) // 2

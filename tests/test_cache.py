@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from s3prl_stimulus import cache
+from s3prl_stimulus.cache import extraction, store
+from s3prl_stimulus.cache.manifest import KEY_FIELDS, MANIFEST, manifest_key, read_manifest
+from s3prl_stimulus.cache.normalisation import fold_normalisation
+from s3prl_stimulus.cache.upstream import UpstreamSpec, build_upstream
 from s3prl_stimulus.errors import StimulusError
 
 pytestmark = [pytest.mark.s3prl, pytest.mark.skipif(importlib.util.find_spec("s3prl") is None, reason="S3PRL is not installed")]
@@ -33,9 +36,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def wavlm_cache(corpus):
     root, _ = corpus
-    spec = cache.UpstreamSpec("wavlm_local", ckpt=str(root / "wavlm.pt"))
-    [path] = cache.extract(root / "AudioWAV", root / "out", spec, folds=[FOLD], clips="present", device="cpu",
-                           feature_normalize=True, chunk_clips=5, batch_clips=4, progress=False)
+    spec = UpstreamSpec("wavlm_local", ckpt=str(root / "wavlm.pt"))
+    [path] = extraction.extract(root / "AudioWAV", root / "out", spec, folds=[FOLD], clips="present", device="cpu",
+                                feature_normalize=True, chunk_clips=5, batch_clips=4, progress=False)
     return spec, path
 
 
@@ -51,10 +54,10 @@ def s3prl_alone(upstream, featurizer, wav: np.ndarray, weights: torch.Tensor, no
 def test_cached_means_are_the_time_means_of_what_s3prl_featurizes(corpus, wavlm_cache):
     root, _ = corpus
     spec, path = wavlm_cache
-    loaded = cache.load_cache(path)
+    loaded = store.load_cache(path)
     norm = loaded.normalisation
     assert norm.kind == "train_mean_std" and norm.fold == FOLD and loaded.means.shape[1:] == (3, 32)
-    upstream, featurizer = cache.build_upstream(spec, "cpu")
+    upstream, featurizer = build_upstream(spec, "cpu")
     weights = torch.tensor([0.3, -1.0, 0.8])
     softmax = torch.softmax(weights, dim=0).numpy()
     for i in (0, len(loaded.clips) - 1):  # the shortest and a longest clip
@@ -72,12 +75,12 @@ def test_cached_means_are_the_time_means_of_what_s3prl_featurizes(corpus, wavlm_
 def test_equal_length_batches_give_each_clip_its_own_features(corpus, wavlm_cache):
     root, _ = corpus
     spec, path = wavlm_cache
-    batched = cache.load_cache(path)
+    batched = store.load_cache(path)
     samples = batched.manifest["samples"]
     assert max(np.unique(samples, return_counts=True)[1]) >= 3  # some batches really held several clips
-    [single] = cache.extract(root / "AudioWAV", root / "one-by-one", spec, folds=[FOLD], clips="present", device="cpu",
-                             feature_normalize=True, batch_clips=1, progress=False)
-    np.testing.assert_allclose(cache.load_cache(single).means, batched.means, rtol=1e-4, atol=1e-5)
+    [single] = extraction.extract(root / "AudioWAV", root / "one-by-one", spec, folds=[FOLD], clips="present", device="cpu",
+                                  feature_normalize=True, batch_clips=1, progress=False)
+    np.testing.assert_allclose(store.load_cache(single).means, batched.means, rtol=1e-4, atol=1e-5)
     assert samples == sorted(samples)  # length-sorted
 
 
@@ -85,7 +88,7 @@ def test_waveform_normalisation_is_bitwise_the_s3prl_path_s(corpus):
     from s3prl_stimulus.downstream.emotion_stimulus.dataset import ClipDataset
 
     root, clips = corpus
-    norm = cache.fold_normalisation(root / "AudioWAV", clips, FOLD)
+    norm = fold_normalisation(root / "AudioWAV", clips, FOLD)
     config = argparse.Namespace(audio_dir=root / "AudioWAV", max_seconds=None)
     dataset = ClipDataset(config, clips, np.zeros((len(clips), 6), np.float32), {"mean": norm.mean, "std": norm.std})
     from s3prl_stimulus.audio import clip_path, read_clip
@@ -98,19 +101,19 @@ def test_waveform_normalisation_is_bitwise_the_s3prl_path_s(corpus):
 def test_manifest_key_covers_every_setting_and_a_mismatch_is_refused(corpus, wavlm_cache):
     root, _ = corpus
     spec, path = wavlm_cache
-    manifest = cache.read_manifest(path)
-    assert set(cache.KEY_FIELDS) <= set(manifest) and manifest["key"] == cache.manifest_key(manifest)
+    manifest = read_manifest(path)
+    assert set(KEY_FIELDS) <= set(manifest) and manifest["key"] == manifest_key(manifest)
     assert manifest["upstream"]["weights_sha256"] and manifest["normalisation"]["mean"] is not None
     # same --out, other fold statistics: the fold2 directory is new; same directory with other stats is refused
-    other = json.loads((path / cache.MANIFEST).read_text())
+    other = json.loads((path / MANIFEST).read_text())
     other["normalisation"]["mean"] += 1e-3
-    other["key"] = cache.manifest_key(other)
+    other["key"] = manifest_key(other)
     with pytest.raises(StimulusError, match=r"other settings \(normalisation.mean"):
-        cache.prepare_cache_dir(path, other)
+        extraction.prepare_cache_dir(path, other)
     with pytest.raises(StimulusError, match="other settings.*upstream.weights_sha256"):
-        cache.extract(root / "AudioWAV", root / "out", cache.UpstreamSpec("wavlm_local", ckpt=str(make_other_wavlm(root))),
-                      folds=[FOLD], clips="present", device="cpu", feature_normalize=True, progress=False,
-                      name="wavlm_local")
+        extraction.extract(root / "AudioWAV", root / "out", UpstreamSpec("wavlm_local", ckpt=str(make_other_wavlm(root))),
+                           folds=[FOLD], clips="present", device="cpu", feature_normalize=True, progress=False,
+                           name="wavlm_local")
 
 
 def make_other_wavlm(root: Path) -> Path:
@@ -122,45 +125,45 @@ def make_other_wavlm(root: Path) -> Path:
 @pytest.fixture()
 def fbank_out(corpus, tmp_path):
     root, _ = corpus
-    return root / "AudioWAV", tmp_path / "out", cache.UpstreamSpec("fbank")
+    return root / "AudioWAV", tmp_path / "out", UpstreamSpec("fbank")
 
 
 def test_killed_extraction_resumes_without_recomputing_finished_chunks(fbank_out, monkeypatch):
     audio_dir, out, spec = fbank_out
-    real_write = cache._write_encoded_chunk
+    real_write = extraction._write_encoded_chunk
     written = []
 
     def write_two_then_die(cache_dir, index, clips, parts):
         if len(written) == 2:
-            (Path(cache_dir) / cache.CHUNKS / ".chunk-00002.npz.x.tmp").write_bytes(b"half")  # what SIGKILL leaves
+            (Path(cache_dir) / store.CHUNKS / ".chunk-00002.npz.x.tmp").write_bytes(b"half")  # what SIGKILL leaves
             raise KeyboardInterrupt
         written.append(index)
         real_write(cache_dir, index, clips, parts)
 
-    monkeypatch.setattr(cache, "_write_encoded_chunk", write_two_then_die)
+    monkeypatch.setattr(extraction, "_write_encoded_chunk", write_two_then_die)
     with pytest.raises(KeyboardInterrupt):
-        cache.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=3, progress=False)
+        extraction.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=3, progress=False)
     path = out / "fbank" / f"fold{FOLD}"
     with pytest.raises(StimulusError, match="unfinished.*rerun the same"):
-        cache.load_cache(path)
+        store.load_cache(path)
     resumed = []
-    monkeypatch.setattr(cache, "_write_encoded_chunk", lambda d, i, c, p: (resumed.append(i), real_write(d, i, c, p)))
-    cache.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=3, progress=False)
+    monkeypatch.setattr(extraction, "_write_encoded_chunk", lambda d, i, c, p: (resumed.append(i), real_write(d, i, c, p)))
+    extraction.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=3, progress=False)
     assert written == [0, 1] and resumed == [2, 3]
-    assert not list((path / cache.CHUNKS).glob(".*.tmp"))
-    loaded = cache.load_cache(path)
+    assert not list((path / store.CHUNKS).glob(".*.tmp"))
+    loaded = store.load_cache(path)
     assert len(loaded.clips) == 12 and np.isfinite(loaded.means).all()
     resumed.clear()
-    cache.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=3, progress=False)
+    extraction.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=3, progress=False)
     assert resumed == []  # complete: nothing recomputed
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_or_truncated_chunk_is_refused_then_repaired(fbank_out, damage):
     audio_dir, out, spec = fbank_out
-    [path] = cache.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=4, progress=False)
-    before = cache.load_cache(path).means.copy()
-    chunk = cache.chunk_path(path, 1)
+    [path] = extraction.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=4, progress=False)
+    before = store.load_cache(path).means.copy()
+    chunk = store.chunk_path(path, 1)
     data = bytearray(chunk.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -168,9 +171,9 @@ def test_corrupt_or_truncated_chunk_is_refused_then_repaired(fbank_out, damage):
         data = data[: len(data) // 2]
     chunk.write_bytes(bytes(data))
     with pytest.raises(StimulusError, match=r"chunk-00001.npz is corrupt or truncated.*rerun"):
-        cache.load_cache(path)
-    cache.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=4, progress=False)
-    np.testing.assert_array_equal(cache.load_cache(path).means, before)
+        store.load_cache(path)
+    extraction.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", chunk_clips=4, progress=False)
+    np.testing.assert_array_equal(store.load_cache(path).means, before)
 
 
 def test_disk_full_is_a_clear_error_and_leaves_no_finished_looking_output(fbank_out, monkeypatch):
@@ -181,16 +184,16 @@ def test_disk_full_is_a_clear_error_and_leaves_no_finished_looking_output(fbank_
 
     monkeypatch.setattr(np, "savez", no_space)
     with pytest.raises(StimulusError, match="disk full while writing .*chunk-00000.npz.*rerun the same command"):
-        cache.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", progress=False)
+        extraction.extract(audio_dir, out, spec, folds=[FOLD], clips="present", device="cpu", progress=False)
     path = out / "fbank" / f"fold{FOLD}"
-    assert not (path / cache.COMPLETE).exists() and not list((path / cache.CHUNKS).iterdir())
+    assert not (path / store.COMPLETE).exists() and not list((path / store.CHUNKS).iterdir())
 
 
 def test_bad_requests_are_one_line_errors(fbank_out, tmp_path):
     audio_dir, out, spec = fbank_out
     cases = [
-        (dict(spec=cache.UpstreamSpec("wavlm_larg")), "unknown upstream 'wavlm_larg' \\(did you mean wavlm_large"),
-        (dict(spec=cache.UpstreamSpec("wavlm_local", ckpt=str(tmp_path / "no.pt"))), "needs a local checkpoint"),
+        (dict(spec=UpstreamSpec("wavlm_larg")), "unknown upstream 'wavlm_larg' \\(did you mean wavlm_large"),
+        (dict(spec=UpstreamSpec("wavlm_local", ckpt=str(tmp_path / "no.pt"))), "needs a local checkpoint"),
         (dict(clips="all"), "CREMA-D clips are missing .*--clips present"),
         (dict(dtype="fp16"), "unknown --dtype"),
         (dict(folds=[6]), "unknown fold"),
@@ -199,21 +202,21 @@ def test_bad_requests_are_one_line_errors(fbank_out, tmp_path):
     for change, message in cases:
         options = dict(spec=spec, folds=[FOLD], clips="present", device="cpu", progress=False) | change
         with pytest.raises(StimulusError, match=message) as error:
-            cache.extract(audio_dir, out, options.pop("spec"), **options)
+            extraction.extract(audio_dir, out, options.pop("spec"), **options)
         assert "\n" not in str(error.value)
     (tmp_path / "notacache" / "none").mkdir(parents=True)
     (tmp_path / "notacache" / "none" / "x.txt").write_text("x")
     with pytest.raises(StimulusError, match="is not a feature cache"):
-        cache.extract(audio_dir, tmp_path, spec, folds=[FOLD], clips="present", device="cpu", name="notacache",
-                      normalisation="none", progress=False)
+        extraction.extract(audio_dir, tmp_path, spec, folds=[FOLD], clips="present", device="cpu", name="notacache",
+                           normalisation="none", progress=False)
 
 
 def test_bf16_extraction_runs_and_stays_close_to_fp32(fbank_out, corpus, wavlm_cache):
     root, _ = corpus
     spec, path = wavlm_cache
-    [bf16] = cache.extract(root / "AudioWAV", root / "bf16", spec, folds=[FOLD], clips="present", device="cpu",
-                           dtype="bf16", progress=False)
-    reference, ours = cache.load_cache(path), cache.load_cache(bf16)
+    [bf16] = extraction.extract(root / "AudioWAV", root / "bf16", spec, folds=[FOLD], clips="present", device="cpu",
+                                dtype="bf16", progress=False)
+    reference, ours = store.load_cache(path), store.load_cache(bf16)
     assert ours.manifest["dtype"] == "bf16" and ours.manifest["key"] != reference.manifest["key"]
     assert ours.means.dtype == np.float32
     scale = np.abs(reference.means).max()
@@ -227,7 +230,7 @@ def test_extract_cli_writes_caches_and_reports_errors_in_one_line(fbank_out, cap
     base = ["extract", "--corpus", str(audio_dir), "--out", str(out), "--clips", "present", "--device", "cpu", "--no-progress"]
     assert main(base + ["-u", "fbank", "--normalisation", "none", "--name", "plain-fbank"]) == 0
     assert "cache complete: " in capsys.readouterr().out
-    loaded = cache.load_cache(out / "plain-fbank" / "none")
+    loaded = store.load_cache(out / "plain-fbank" / "none")
     assert loaded.normalisation.kind == "none" and loaded.means.shape == (12, 1, 240) and loaded.manifest["name"] == "plain-fbank"
     assert main(base + ["-u", "fbank", "--max-seconds", "ten"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --max-seconds 'ten'")

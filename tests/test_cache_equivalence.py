@@ -90,9 +90,10 @@ def launch(cwd, *args) -> None:
 
 def init_checkpoint(path: Path, dim: int, n_hidden: int, train_clips: list) -> Path:
     """Starting parameters both paths load: the downstream's head drawn under seed 7, random layer weights."""
+    from s3prl_stimulus.cache.head import HEAD_PREFIX, initial_head_state
+    from s3prl_stimulus.cache.sweep_config import load_config
     from s3prl_stimulus.labels import binary_labels, load_votes
     from s3prl_stimulus.loss import class_balanced_weights
-    from s3prl_stimulus.sweep import HEAD_PREFIX, initial_head_state, load_config
 
     config = load_config()
     head = initial_head_state(SEED, dim, config["downstream_expert"]["modelrc"])
@@ -121,7 +122,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module", params=["fbank", "wavlm_local"])
 def paths(request, corpus):
     """(root, S3PRL expdir, cache root, init.ckpt) for one upstream: S3PRL trained, cache extracted."""
-    from s3prl_stimulus import cache
+    from s3prl_stimulus.cache import extraction
+    from s3prl_stimulus.cache.manifest import read_manifest
+    from s3prl_stimulus.cache.upstream import UpstreamSpec
     from s3prl_stimulus.testing import make_tiny_wavlm
 
     root, train = corpus
@@ -129,10 +132,10 @@ def paths(request, corpus):
     work = root / upstream
     work.mkdir()
     ckpt = make_tiny_wavlm(work / "wavlm.pt") if upstream == "wavlm_local" else None
-    spec = cache.UpstreamSpec(upstream, ckpt=None if ckpt is None else str(ckpt))
-    [cache_dir] = cache.extract(root / "AudioWAV", work / "cache", spec, folds=[FOLD], clips="present", device="cpu",
-                                progress=False)
-    up = cache.read_manifest(cache_dir)["upstream"]
+    spec = UpstreamSpec(upstream, ckpt=None if ckpt is None else str(ckpt))
+    [cache_dir] = extraction.extract(root / "AudioWAV", work / "cache", spec, folds=[FOLD], clips="present", device="cpu",
+                                     progress=False)
+    up = read_manifest(cache_dir)["upstream"]
     init = init_checkpoint(work / "init.ckpt", up["dim"], up["n_hidden"] if up["weighted_sum"] else 1, train)
     args = ["-m", "train", "-u", upstream, "-d", "emotion_stimulus", "-p", work / "s3prl", "-i", init, "--seed", SEED,
             "-o", overrides(root / "AudioWAV")]
@@ -141,7 +144,7 @@ def paths(request, corpus):
 
 
 def test_s3prl_checkpoint_scored_from_the_cache_gives_its_s3prl_probabilities(paths):
-    from s3prl_stimulus.sweep import evaluate_checkpoint
+    from s3prl_stimulus.cache.sweeping import evaluate_checkpoint
 
     work, expdir, cache_root, _ = paths
     frame, result = evaluate_checkpoint([cache_root], expdir / f"states-{STEPS}.ckpt", device="cpu", out=work / "scored")
@@ -160,8 +163,9 @@ def test_s3prl_checkpoint_scored_from_the_cache_gives_its_s3prl_probabilities(pa
 
 
 def test_training_from_the_same_init_and_batches_ends_with_the_s3prl_parameters(paths):
-    from s3prl_stimulus.cache import load_cache
-    from s3prl_stimulus.sweep import read_checkpoint, sweep
+    from s3prl_stimulus.cache.store import load_cache
+    from s3prl_stimulus.cache.sweep_outputs import read_checkpoint
+    from s3prl_stimulus.cache.sweeping import sweep
 
     work, expdir, cache_root, init = paths
     upstream = work.name
@@ -196,7 +200,7 @@ def test_cache_trained_checkpoint_evaluated_through_s3prl_gives_the_cache_probab
     work, expdir, cache_root, init = paths
     run_dir = work / "sweep" / work.name / "voice" / f"fold{FOLD}" / f"seed{SEED}"
     if not (run_dir / "dev-best.ckpt").is_file():  # this test alone: train the sweep first
-        from s3prl_stimulus.sweep import sweep
+        from s3prl_stimulus.cache.sweeping import sweep
 
         sweep([cache_root], work / "sweep", train_stimuli=["voice"], folds=[FOLD], seeds=[SEED],
               override=sweep_override(), device="cpu", init=str(init), progress=False)

@@ -10,9 +10,9 @@ import types
 
 import pytest
 
-from s3prl_stimulus import compat
+from s3prl_stimulus.integration import compat
 from s3prl_stimulus.errors import StimulusError
-from s3prl_stimulus.run_downstream import packaged_config, resolve_arguments
+from s3prl_stimulus.integration.launcher import packaged_config, resolve_arguments
 
 
 def run_python(code: str, cwd=None, timeout=300) -> subprocess.CompletedProcess:
@@ -110,7 +110,7 @@ def test_torch_load_accepts_s3prl_checkpoints_only_after_prepare(tmp_path):
             print("loaded-before")
         except pickle.UnpicklingError:
             print("refused-before")
-        from s3prl_stimulus.compat import prepare_s3prl_stack
+        from s3prl_stimulus.integration.compat import prepare_s3prl_stack
         prepare_s3prl_stack()
         ckpt = torch.load({str(checkpoint)!r}, map_location="cpu")  # default weights_only, as S3PRL calls it
         print("after", ckpt["Args"].seed, ckpt["Step"])
@@ -205,7 +205,7 @@ def test_launcher_hands_s3prl_the_completed_argv_and_reports_bad_input_in_one_li
     monkeypatch.setitem(sys.modules, "s3prl.run_downstream", fake)
     monkeypatch.setattr(sys, "argv", ["launcher"])
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    from s3prl_stimulus import run_downstream
+    from s3prl_stimulus.integration import launcher as run_downstream
 
     assert run_downstream.main(["-m", "train", "-d", "emotion_stimulus", "-u", "fbank"]) == 2
     argv = seen["argv"]
@@ -217,7 +217,7 @@ def test_launcher_hands_s3prl_the_completed_argv_and_reports_bad_input_in_one_li
 
 
 def test_alias_resolves_to_the_package_modules(prepared):
-    from s3prl_stimulus.registration import ALIAS, TARGET, install_alias
+    from s3prl_stimulus.integration.registration import ALIAS, TARGET, install_alias
 
     install_alias()
     alias = importlib.import_module(ALIAS)
@@ -283,9 +283,9 @@ def test_launcher_trains_and_evaluates_a_downstream_through_unmodified_s3prl(tmp
     launcher.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(tmp_path / "pkgs")!r})
-        from s3prl_stimulus.registration import install_alias
+        from s3prl_stimulus.integration.registration import install_alias
         install_alias("s3prl.downstream.toy_stimulus_downstream", "toy_stimulus_downstream")
-        from s3prl_stimulus.run_downstream import main
+        from s3prl_stimulus.integration.launcher import main
         sys.exit(main())
     """))
     expdir = tmp_path / "exp"
@@ -309,9 +309,9 @@ def test_launcher_refuses_checkpoints_of_another_task(tmp_path):
 
     import torch
 
-    from s3prl_stimulus.compat import prepare_s3prl_stack
+    from s3prl_stimulus.integration.compat import prepare_s3prl_stack
     from s3prl_stimulus.errors import StimulusError
-    from s3prl_stimulus.run_downstream import check_past_checkpoint
+    from s3prl_stimulus.integration.launcher import check_past_checkpoint
 
     prepare_s3prl_stack()
     ckpt = tmp_path / "dev-best.ckpt"

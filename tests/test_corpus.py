@@ -16,7 +16,7 @@ import pytest
 import soundfile
 
 from s3prl_stimulus import cli
-from s3prl_stimulus.corpus import download_corpus, part_path, verify_corpus
+from s3prl_stimulus.study.corpus import download_corpus, part_path, verify_corpus
 
 CLIPS = ("1001_DFA_ANG_XX", "1001_DFA_DIS_XX", "1002_IEO_HAP_HI", "1076_MTI_SAD_XX")
 
@@ -90,7 +90,7 @@ class Server:
 
 @pytest.fixture
 def served(tmp_path, monkeypatch):
-    monkeypatch.setattr("s3prl_stimulus.corpus.RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr("s3prl_stimulus.study.corpus.RETRY_BACKOFF_S", 0.01)
     files = {clip: wav_bytes(0.5 + 0.25 * i, seed=i) for i, clip in enumerate(CLIPS)}
     server = Server(files)
     manifest = write_manifest(tmp_path / "manifest.csv", files)

@@ -234,7 +234,7 @@ def test_bad_wavs_are_listed_with_counts_before_training(workspace, tmp_path):
 def expert_config(workspace, **datarc):
     import yaml
 
-    from s3prl_stimulus.run_downstream import packaged_config
+    from s3prl_stimulus.integration.launcher import packaged_config
 
     config = yaml.safe_load(packaged_config().read_text())["downstream_expert"]
     config["datarc"].update({"audio_dir": str(workspace / "AudioWAV"), "clips": "present", "num_workers": 0}, **datarc)
@@ -337,7 +337,7 @@ def test_dev_best_by_macro_f1_switch(workspace, tmp_path):
 @pytest.fixture()
 def registered_s3prl():
     """`s3prl-stimulus register` into the installed S3PRL, undone afterwards."""
-    from s3prl_stimulus.registration import register, s3prl_downstream_dir, unregister
+    from s3prl_stimulus.integration.registration import register, s3prl_downstream_dir, unregister
 
     registration = register()
     try:

@@ -1,4 +1,4 @@
-"""recipes/run_paper.sh and s3prl_stimulus.recipe: idempotent, resumable stages over the whole grid.
+"""recipes/run_paper.sh and s3prl_stimulus.study.recipe: idempotent, resumable stages over the whole grid.
 
 Two halves. The orchestration (which runs exist, what state they are in, which commands run where, how
 failures, GPUs and SLURM array tasks behave) is tested with a stand-in interpreter that records each
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from s3prl_stimulus import STIMULI, recipe
+from s3prl_stimulus import STIMULI
+from s3prl_stimulus.study import recipe
 from s3prl_stimulus.errors import StimulusError
-from s3prl_stimulus.recipe import Run, Settings, Upstream
+from s3prl_stimulus.study.recipe import Run, Settings, Upstream
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PAPER = REPO / "recipes" / "run_paper.sh"

@@ -12,7 +12,7 @@ import pytest
 
 from s3prl_stimulus.cli import main as cli
 from s3prl_stimulus.errors import StimulusError
-from s3prl_stimulus.registration import downstream_source, is_our_link, register, s3prl_downstream_dir, unregister
+from s3prl_stimulus.integration.registration import downstream_source, is_our_link, register, s3prl_downstream_dir, unregister
 
 REPO = Path(__file__).resolve().parents[1]
 PTH = REPO / "s3prl_stimulus_alias.pth"
@@ -125,13 +125,17 @@ def test_registered_link_imports_as_s3prl_downstream_without_the_alias(s3prl_che
 # ---------------------------------------------------------------- the .pth hook, in fresh interpreters
 
 
-def run_with_pth(tmp_path, code: str, with_repo: bool = True) -> subprocess.CompletedProcess:
-    """A fresh `python -S` that processes only the repository's .pth (as site-packages would)."""
+def run_with_pth(tmp_path, code: str, with_package: bool = True) -> subprocess.CompletedProcess:
+    """A fresh `python -S` that processes the repository's .pth first (as site-packages would), then,
+    with_package, the environment's site-packages (where the installed, possibly editable, package is)."""
     site_dir = tmp_path / "site"
     site_dir.mkdir(exist_ok=True)
     (site_dir / PTH.name).write_bytes(PTH.read_bytes())
-    paths = [sysconfig.get_paths()["purelib"]] + ([str(REPO)] if with_repo else [])
+    purelib = sysconfig.get_paths()["purelib"]
+    paths = [purelib]
     prologue = f"import site, sys\nsite.addsitedir({str(site_dir)!r})\n"
+    if with_package:
+        prologue += f"site.addsitedir({purelib!r})\n"
     return subprocess.run(
         [sys.executable, "-S", "-c", prologue + textwrap.dedent(code)],
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)), cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -142,12 +146,14 @@ def test_pth_hook_aliases_the_downstream_in_a_fresh_interpreter(tmp_path):
     pytest.importorskip("s3prl")
     result = run_with_pth(tmp_path, """
         import importlib
-        hook = sys.meta_path[0]
-        print(getattr(hook, "s3prl_stimulus_alias", None), "s3prl_stimulus" in sys.modules)
+        from importlib.machinery import PathFinder
+        hooks = [f for f in sys.meta_path if getattr(f, "s3prl_stimulus_alias", None)]
+        assert len(hooks) == 1 and sys.meta_path.index(hooks[0]) < sys.meta_path.index(PathFinder), sys.meta_path
+        print(hooks[0].s3prl_stimulus_alias, "s3prl_stimulus" in sys.modules)
         alias = importlib.import_module("s3prl.downstream.emotion_stimulus")
         real = importlib.import_module("s3prl_stimulus.downstream.emotion_stimulus")
         print(alias is real, real.__spec__.name)
-        from s3prl_stimulus.registration import install_alias
+        from s3prl_stimulus.integration.registration import install_alias
         print(install_alias())  # the launcher sees the hook and adds no second finder
     """)
     assert result.returncode == 0, result.stderr
@@ -168,7 +174,7 @@ def test_pth_hook_never_breaks_start_up_when_the_package_is_gone(tmp_path):
             import s3prl.downstream.emotion_stimulus
         except ModuleNotFoundError as error:
             print("missing", error.name)
-    """, with_repo=False)
+    """, with_package=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.split() == ["started", "missing", "s3prl.downstream.emotion_stimulus"]

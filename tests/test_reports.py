@@ -18,7 +18,7 @@ from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.labels import binary_frame, load_votes
 from s3prl_stimulus.metrics import binarize, bootstrap_ci, macro_f1, paired_bootstrap, per_class_f1
 from s3prl_stimulus.partition import FOLDS, speakers_of, split_clips
-from s3prl_stimulus.reports import FIGURE_PIXELS, build_report, ScoreSettings
+from s3prl_stimulus.study.reports import FIGURE_PIXELS, build_report, ScoreSettings
 
 CLIPS_PER_FOLD = 40
 BOOTSTRAPS = 200

@@ -15,7 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s3prl_stimulus import CLASSES, cache, sweep
+from s3prl_stimulus import CLASSES
+from s3prl_stimulus.cache import extraction, store, sweep_outputs, sweeping, training
+from s3prl_stimulus.cache.grid import EpochShuffler
+from s3prl_stimulus.cache.head import HEAD_PREFIX, initial_head_state, run_state
+from s3prl_stimulus.cache.manifest import build_manifest
+from s3prl_stimulus.cache.normalisation import Normalisation
 from s3prl_stimulus.errors import StimulusError
 
 # S3PRL's optimizers and featurizer code are the reference (no upstream is built here)
@@ -36,22 +41,22 @@ def write_synthetic_cache(cache_dir: Path, clips: list, fold, hidden: dict, name
     from s3prl_stimulus.testing import clip_samples
 
     samples = {c: clip_samples(c) for c in clips}
-    order, lengths = cache.sorted_by_length(samples)
+    order, lengths = extraction.sorted_by_length(samples)
     train = [c for c in split_clips(fold, "train") if c in samples] if fold else None
-    norm = (cache.Normalisation("train_mean_std", fold, 0.0, 1.0, clips_fingerprint(train)) if fold
-            else cache.Normalisation("none"))
+    norm = (Normalisation("train_mean_std", fold, 0.0, 1.0, clips_fingerprint(train)) if fold
+            else Normalisation("none"))
     upstream = {"name": name, "weights_sha256": "0" * 64, "model_config_sha256": None, "feature_selection": "hidden_states",
                 "layer_selection": None, "n_hidden": L, "weighted_sum": True, "dim": D, "downsample_rate": 320}
-    manifest = cache.build_manifest(upstream, norm, None, "fp32", True, order, lengths, chunk_clips=16)
-    cache.prepare_cache_dir(cache_dir, manifest)
-    for i, (a, b) in enumerate(cache.chunk_ranges(len(order), 16)):
+    manifest = build_manifest(upstream, norm, None, "fp32", True, order, lengths, chunk_clips=16)
+    extraction.prepare_cache_dir(cache_dir, manifest)
+    for i, (a, b) in enumerate(store.chunk_ranges(len(order), 16)):
         frames = [hidden[c] for c in order[a:b]]
-        cache.write_chunk(cache.chunk_path(cache_dir, i), {
+        store.write_chunk(store.chunk_path(cache_dir, i), {
             "clips": np.asarray(order[a:b]), "frames": np.asarray([f.shape[1] for f in frames]),
             "means": np.stack([f.mean(dim=1).numpy() for f in frames]),
             "ln_means": np.stack([F.layer_norm(f, (D,)).mean(dim=1).numpy() for f in frames]),
         })
-    cache._finish(cache_dir, manifest)
+    extraction._finish(cache_dir, manifest)
     return cache_dir
 
 
@@ -95,7 +100,7 @@ def reference_run(run, hidden, config, feature_normalize, initial, clips_by_spli
 
     train = clips_by_split["train"]
     targets = torch.from_numpy(labels.soft_targets(run.train_stimulus, train))
-    shuffler = sweep.EpochShuffler(len(train), BATCH, run.seed, run.fold)
+    shuffler = EpochShuffler(len(train), BATCH, run.seed, run.fold)
     best_loss, best_step, clipped = float("inf"), 0, 0
     for step in range(1, STEPS + 1):
         batch = shuffler.next_batch()
@@ -118,22 +123,22 @@ def reference_run(run, hidden, config, feature_normalize, initial, clips_by_spli
 @pytest.mark.parametrize("feature_normalize", [False, True])
 def test_every_stacked_run_trains_exactly_as_it_would_alone(grid_data, feature_normalize):
     root, clips, hidden = grid_data
-    prepared = sweep.prepare([root / "caches"], (["voice", "all"], [1, 2], [1, 2]), None, OVERRIDE, None, None, "cpu",
-                             feature_normalize)
-    sweep.initialise(prepared, None)
-    result = sweep.train(prepared.head, prepared.grid, prepared.config, progress=False)
+    prepared = sweeping.prepare([root / "caches"], (["voice", "all"], [1, 2], [1, 2]), None, OVERRIDE, None, None, "cpu",
+                                feature_normalize)
+    sweeping.initialise(prepared, None)
+    result = training.train(prepared.head, prepared.grid, prepared.config, progress=False)
     assert len(prepared.runs) == 8
     for r, run in enumerate(prepared.runs):
         data = prepared.grid.folds[run.fold]
-        initial = sweep.initial_head_state(run.seed, D, prepared.config["downstream_expert"]["modelrc"])
+        initial = initial_head_state(run.seed, D, prepared.config["downstream_expert"]["modelrc"])
         weights, head_state, best_step, clipped = reference_run(
             run, hidden, prepared.config, feature_normalize, initial, data.clips, data.labels,
             data.class_weights[run.train_stimulus])
-        featurizer, ours = sweep.run_state(prepared.head, r)
+        featurizer, ours = run_state(prepared.head, r)
         assert clipped > 0 and result.best_step[r] == best_step
         torch.testing.assert_close(featurizer["weights"], weights, rtol=1e-4, atol=1e-6)
         for name, value in head_state.items():
-            torch.testing.assert_close(ours[sweep.HEAD_PREFIX + name], value, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ours[HEAD_PREFIX + name], value, rtol=1e-4, atol=1e-6)
             assert (value - initial[name]).abs().max() > 1e-3  # it did train
 
 
@@ -145,8 +150,8 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     from s3prl_stimulus.metrics import binarize, macro_f1
 
     root, _, _ = grid_data
-    long, grid = sweep.sweep([root / "caches"], tmp_path, train_stimuli=["voice", "face"], folds=[1], seeds=[3, 4],
-                             override=OVERRIDE, device="cpu", progress=False)
+    long, grid = sweeping.sweep([root / "caches"], tmp_path, train_stimuli=["voice", "face"], folds=[1], seeds=[3, 4],
+                                override=OVERRIDE, device="cpu", progress=False)
     directory = run_files(tmp_path, "face", 1, 4)
     result = json.loads((directory / "results-test-dev-best.json").read_text())
     assert list(result) == ["schema", "path", "upstream", "upstream_ckpt", "fold", "train_stimulus", "votes", "seed", "step",
@@ -165,7 +170,7 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     assert list(history["step"]) == [4, 8, 12]
     assert history.set_index("step")["dev_loss"].idxmin() == result["step"]  # dev-best = lowest dev loss
     # the dev-best checkpoint scores back to the same predictions through evaluate_checkpoint
-    again, _ = sweep.evaluate_checkpoint([root / "caches"], directory / "dev-best.ckpt", device="cpu")
+    again, _ = sweeping.evaluate_checkpoint([root / "caches"], directory / "dev-best.ckpt", device="cpu")
     np.testing.assert_allclose(again[list(CLASSES)].to_numpy(), frame[list(CLASSES)].to_numpy(), atol=1e-12)
     # summary: runs x test stimuli; seed statistics recomputed from it
     assert len(long) == 2 * 2 * 4 and set(long["seed"]) == {3, 4}
@@ -174,7 +179,7 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     row = grid[(grid.train_stimulus == "voice") & (grid.test_stimulus == "av")].iloc[0]
     assert row["macro_f1_mean"] == pytest.approx(cell.mean()) and row["macro_f1_std"] == pytest.approx(cell.std(ddof=1))
     assert row["n_seeds"] == 2
-    table = sweep.grid_table(grid)
+    table = sweep_outputs.grid_table(grid)
     assert table.loc["voice", "av"] == f"{cell.mean():.4f} ± {cell.std(ddof=1):.4f}"
     assert json.loads((tmp_path / "synthetic" / "sweep.json").read_text())["runs"] == [
         "voice/fold1/seed3", "voice/fold1/seed4", "face/fold1/seed3", "face/fold1/seed4"]
@@ -195,8 +200,8 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
 def test_what_the_cache_path_cannot_reproduce_is_refused(grid_data, tmp_path, override, message):
     root, _, _ = grid_data
     with pytest.raises(StimulusError, match=message) as error:
-        sweep.sweep([root / "caches"], tmp_path, train_stimuli=["voice"], folds=[1], override=override, device="cpu",
-                    progress=False)
+        sweeping.sweep([root / "caches"], tmp_path, train_stimuli=["voice"], folds=[1], override=override, device="cpu",
+                       progress=False)
     assert "\n" not in str(error.value) and not list(tmp_path.iterdir())
 
 
@@ -204,22 +209,22 @@ def test_caches_that_do_not_fit_the_request_are_refused(grid_data, tmp_path):
     root, clips, hidden = grid_data
     base = dict(train_stimuli=["voice"], override=OVERRIDE, device="cpu", progress=False)
     with pytest.raises(StimulusError, match="no cache normalised with fold 3's training statistics.*--folds 3"):
-        sweep.sweep([root / "caches"], tmp_path / "a", folds=[3], **base)
+        sweeping.sweep([root / "caches"], tmp_path / "a", folds=[3], **base)
     other = write_synthetic_cache(tmp_path / "other" / "fold2", clips, 2, hidden, name="another")
     with pytest.raises(StimulusError, match="differ in upstream"):
-        sweep.sweep([root / "caches" / "synthetic" / "fold1", other], tmp_path / "b", folds=[1, 2], **base)
+        sweeping.sweep([root / "caches" / "synthetic" / "fold1", other], tmp_path / "b", folds=[1, 2], **base)
     subset = tmp_path / "subset.txt"
     subset.write_text("\n".join(clips[:-1]))  # drops a speaker-1073+ clip: fold 1 trains on it
     with pytest.raises(StimulusError, match="normalised with statistics over another set of fold-1 training clips"):
-        sweep.sweep([root / "caches"], tmp_path / "c", folds=[1], **base | {
+        sweeping.sweep([root / "caches"], tmp_path / "c", folds=[1], **base | {
             "override": OVERRIDE + f",,config.downstream_expert.datarc.clips='{subset}'"})
     unfinished = tmp_path / "unfinished" / "fold1"
     write_synthetic_cache(unfinished, clips, 1, hidden)
-    (unfinished / cache.COMPLETE).unlink()
+    (unfinished / store.COMPLETE).unlink()
     with pytest.raises(StimulusError, match="unfinished.*rerun the same `s3prl-stimulus extract`"):
-        sweep.sweep([unfinished], tmp_path / "d", folds=[1], **base)
+        sweeping.sweep([unfinished], tmp_path / "d", folds=[1], **base)
     with pytest.raises(StimulusError, match="does not exist"):
-        sweep.sweep([tmp_path / "nowhere"], tmp_path / "e", folds=[1], **base)
+        sweeping.sweep([tmp_path / "nowhere"], tmp_path / "e", folds=[1], **base)
     assert not any((tmp_path / x).exists() for x in "abcde")
 
 

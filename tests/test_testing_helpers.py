@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from s3prl_stimulus import STIMULI, testing
-from s3prl_stimulus.corpus import load_manifest
+from s3prl_stimulus.study.corpus import load_manifest
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.labels import binary_labels, load_votes
 from s3prl_stimulus.partition import load_partition
@@ -16,7 +16,7 @@ CLIPS = ["1001_DFA_ANG_XX", "1091_WSI_SAD_XX", "1050_IEO_HAP_HI"]
 @pytest.fixture(scope="module")
 def hub():
     pytest.importorskip("s3prl")
-    from s3prl_stimulus.compat import prepare_s3prl_stack
+    from s3prl_stimulus.integration.compat import prepare_s3prl_stack
 
     prepare_s3prl_stack()
     import s3prl.hub

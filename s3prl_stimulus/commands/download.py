@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from s3prl_stimulus.corpus import DEFAULT_BASE_URL, download_corpus, parse_clip_list
+from s3prl_stimulus.study.corpus import DEFAULT_BASE_URL, download_corpus, parse_clip_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

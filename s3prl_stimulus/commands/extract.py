@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from s3prl_stimulus.cache import UpstreamSpec, describe_cache, extract
+    from s3prl_stimulus.cache.extraction import extract
+    from s3prl_stimulus.cache.store import describe_cache
+    from s3prl_stimulus.cache.upstream import UpstreamSpec
 
     spec = UpstreamSpec(args.upstream, args.upstream_ckpt, args.upstream_model_config, args.upstream_feature_selection,
                         args.upstream_layer_selection, args.upstream_refresh)

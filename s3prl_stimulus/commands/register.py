@@ -1,6 +1,6 @@
 """s3prl-stimulus register: link the emotion_stimulus downstream into an S3PRL checkout or install."""
 
-from s3prl_stimulus.registration import register
+from s3prl_stimulus.integration.registration import register
 
 _MESSAGES = {
     "created": "registered: {link} -> {source}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from s3prl_stimulus.reports import ScoreSettings, make_report
+from s3prl_stimulus.study.reports import ScoreSettings, make_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from s3prl_stimulus.sweep import evaluate_checkpoint, grid_table, sweep
+    from s3prl_stimulus.cache.sweep_outputs import grid_table
+    from s3prl_stimulus.cache.sweeping import evaluate_checkpoint, sweep
 
     if args.evaluate:
         _, result = evaluate_checkpoint(args.cache, args.evaluate, split=args.split, out=args.out, device=args.device,

@@ -1,7 +1,7 @@
 """s3prl-stimulus unregister: remove the link made by `s3prl-stimulus register`."""
 
 from s3prl_stimulus.commands.register import add_arguments  # same --s3prl option
-from s3prl_stimulus.registration import unregister
+from s3prl_stimulus.integration.registration import unregister
 
 __all__ = ["add_arguments", "run"]
 

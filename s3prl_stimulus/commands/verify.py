@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from s3prl_stimulus.corpus import SAMPLE_RATE, SILENCE_DBFS, parse_clip_list, verify_corpus
+from s3prl_stimulus.study.corpus import SAMPLE_RATE, SILENCE_DBFS, parse_clip_list, verify_corpus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

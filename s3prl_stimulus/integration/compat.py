@@ -14,7 +14,7 @@ downstream code runs (facts measured in ``docs/s3prl_stack.md``):
   ``argparse.Namespace`` every S3PRL checkpoint stores under ``Args`` (``-e``, ``-a``, ``-i``).
 
 :func:`prepare_s3prl_stack` patches exactly these, each only when it is missing, and must run
-before anything imports S3PRL (:mod:`s3prl_stimulus.run_downstream` calls it first).
+before anything imports S3PRL (the launcher, :mod:`s3prl_stimulus.integration.launcher`, calls it first).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def _extension_stub() -> types.ModuleType:
     ``_IS_TORCHAUDIO_EXT_AVAILABLE`` and falls back to Python loops; ``functional._alignment``
     decorates with ``fail_if_no_align``).
     """
-    stub = types.ModuleType("torchaudio._extension", "torchaudio's compiled extension, unavailable (s3prl_stimulus.compat)")
+    stub = types.ModuleType("torchaudio._extension", "torchaudio's compiled extension, unavailable (s3prl_stimulus.integration.compat)")
     stub._s3prl_stimulus_stub = True
     stub._IS_TORCHAUDIO_EXT_AVAILABLE = False
     stub._IS_ALIGN_AVAILABLE = False
@@ -177,7 +177,7 @@ def _add_set_audio_backend(torchaudio: types.ModuleType) -> bool:
         return False
 
     def set_audio_backend(backend=None):
-        """No-op stand-in (torchaudio >= 2.9 has no backend dispatch), added by s3prl_stimulus.compat."""
+        """No-op stand-in (torchaudio >= 2.9 has no backend dispatch), added by s3prl_stimulus.integration.compat."""
 
     torchaudio.set_audio_backend = set_audio_backend
     return True
@@ -197,7 +197,7 @@ def _add_sox_effects_stub(torchaudio: types.ModuleType) -> bool:
             "(with its matching torch)"
         )
 
-    stub = types.ModuleType("torchaudio.sox_effects", "removed in torchaudio 2.9; stand-in by s3prl_stimulus.compat")
+    stub = types.ModuleType("torchaudio.sox_effects", "removed in torchaudio 2.9; stand-in by s3prl_stimulus.integration.compat")
     stub.apply_effects_tensor = unavailable
     stub.apply_effects_file = unavailable
     stub.effect_names = lambda: []

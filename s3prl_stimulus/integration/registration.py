@@ -7,10 +7,10 @@ S3PRL's runner imports ``s3prl.downstream.<name>.expert``: a downstream must be 
   import with the module object of ``s3prl_stimulus.downstream.emotion_stimulus[.*]`` (the same object,
   so there is one copy of each module). The ``s3prl_stimulus_alias.pth`` file installed into
   site-packages puts a lazy version of it in every Python process of the environment (torchrun
-  workers included); :mod:`s3prl_stimulus.run_downstream` installs it too. It works with regular
+  workers included); the launcher (:mod:`s3prl_stimulus.integration.launcher`) installs it too. It works with regular
   and editable S3PRL installs because it never touches S3PRL's files.
-- :func:`register`: a symlink ``<s3prl>/downstream/emotion_stimulus`` → this package's downstream
-  folder, for S3PRL checkouts used as ``python run_downstream.py -d emotion_stimulus`` from an
+- :func:`register`: a symlink ``<s3prl>/downstream/emotion_stimulus`` → this installation's downstream
+  folder (the top-level ``downstream/emotion_stimulus`` of a checkout), for S3PRL checkouts used as ``python run_downstream.py -d emotion_stimulus`` from an
   environment without the ``.pth`` (e.g. ``pip install --target``). :func:`unregister` removes
   only a link that :func:`register` made.
 
@@ -35,7 +35,7 @@ TARGET = "s3prl_stimulus.downstream.emotion_stimulus"
 """Where the downstream's code lives."""
 
 DOWNSTREAM_NAME = ALIAS.rsplit(".", 1)[1]
-_SOURCE_PARTS = ("s3prl_stimulus", "downstream", DOWNSTREAM_NAME)
+_SOURCE_TAIL = ("downstream", DOWNSTREAM_NAME)
 
 
 # ---------------------------------------------------------------- alias finder
@@ -120,9 +120,21 @@ class Registration:
     """created | unchanged | replaced (register); removed | absent (unregister)."""
 
 
+def downstream_folder() -> Path:
+    """Where this installation's downstream code is: the top-level ``downstream/emotion_stimulus`` of a
+    checkout (editable install) or ``s3prl_stimulus/downstream/emotion_stimulus`` in site-packages."""
+    try:
+        spec = importlib.util.find_spec(TARGET)  # imports only the (empty) parent packages
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise _error(f"{TARGET} is not importable: this s3prl-stimulus installation is incomplete; reinstall it")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
 def downstream_source() -> Path:
     """This installation's downstream folder (the link target)."""
-    source = Path(__file__).resolve().parent / "downstream" / DOWNSTREAM_NAME
+    source = downstream_folder()
     if not (source / "expert.py").is_file():
         raise _error(f"{source} has no expert.py: this s3prl-stimulus installation is incomplete; reinstall it")
     return source
@@ -155,11 +167,17 @@ def s3prl_downstream_dir(s3prl_dir: str | os.PathLike | None = None) -> Path:
 
 
 def is_our_link(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a symlink made by :func:`register` (it points at an s3prl_stimulus downstream)."""
+    """Whether ``path`` is a symlink made by :func:`register`: it points at an s3prl-stimulus downstream
+    folder, i.e. ``.../downstream/emotion_stimulus`` inside an installed ``s3prl_stimulus`` or in a checkout
+    (beside its ``s3prl_stimulus`` package), or at such a path that no longer exists (a removed installation)."""
     path = Path(path)
     if not path.is_symlink():
         return False
-    return Path(os.readlink(path)).parts[-len(_SOURCE_PARTS):] == _SOURCE_PARTS
+    target = Path(os.readlink(path))
+    if target.parts[-len(_SOURCE_TAIL):] != _SOURCE_TAIL:
+        return False
+    package_root = target.parent.parent
+    return package_root.name == "s3prl_stimulus" or (package_root / "s3prl_stimulus").is_dir() or not target.exists()
 
 
 def register(s3prl_dir: str | os.PathLike | None = None) -> Registration:
@@ -195,7 +213,7 @@ def unregister(s3prl_dir: str | os.PathLike | None = None) -> Registration:
     """Remove the link made by :func:`register`; anything else at that path is left alone."""
     link = s3prl_downstream_dir(s3prl_dir) / DOWNSTREAM_NAME
     if not os.path.lexists(link):
-        return Registration(link, Path(__file__).resolve().parent / "downstream" / DOWNSTREAM_NAME, "absent")
+        return Registration(link, downstream_folder(), "absent")
     if not is_our_link(link):
         raise _error(f"{link} is not a link made by s3prl-stimulus register: left in place; remove it yourself if it is stale")
     target = Path(os.readlink(link))

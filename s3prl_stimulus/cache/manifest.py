@@ -1,0 +1,92 @@
+"""A cache's manifest: what the cache was made from, and the key that decides whether a directory may be reused.
+
+``manifest.json`` holds the key fields (schema, package version, the upstream's description,
+waveform normalisation, crop, dtype, feature normalisation, and a SHA-256 over the clip list with
+every clip's length), their SHA-256 as ``key``, and the layout (clip order, lengths, chunk size).
+``extract`` resumes only a directory whose manifest has the same key and refuses any other, saying
+which fields differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from s3prl_stimulus import __version__
+from s3prl_stimulus.cache.normalisation import Normalisation
+from s3prl_stimulus.errors import StimulusError
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+KEY_FIELDS = ("schema", "package_version", "upstream", "normalisation", "max_samples", "dtype", "feature_normalize",
+              "clips_sha256")
+
+
+def clips_sha256(clips: Sequence[str], samples: Sequence[int]) -> str:
+    """Identifies the clip list and every clip's length (in stored order)."""
+    text = "\n".join(f"{c}\t{int(n)}" for c, n in zip(clips, samples))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_key(fields: dict) -> str:
+    """SHA-256 of the key fields, canonical JSON."""
+    return hashlib.sha256(json.dumps({k: fields[k] for k in KEY_FIELDS}, sort_keys=True).encode()).hexdigest()
+
+
+def build_manifest(upstream: dict, normalisation: Normalisation, max_samples: Optional[int], dtype: str,
+                   feature_normalize: bool, clips: Sequence[str], samples: Sequence[int], chunk_clips: int,
+                   upstream_ckpt: Optional[str] = None, name: Optional[str] = None) -> dict:
+    """Key fields (hashed into ``key``) plus layout: clip order, lengths, chunk size."""
+    fields = {
+        "schema": SCHEMA,
+        "package_version": __version__,
+        "upstream": upstream,
+        "normalisation": dataclasses.asdict(normalisation),
+        "max_samples": max_samples,
+        "dtype": dtype,
+        "feature_normalize": bool(feature_normalize),
+        "clips_sha256": clips_sha256(clips, samples),
+    }
+    return {**fields, "key": manifest_key(fields), "name": name or upstream["name"], "upstream_ckpt": upstream_ckpt,
+            "n_clips": len(clips),
+            "chunk_clips": int(chunk_clips), "clips": list(clips), "samples": [int(n) for n in samples]}
+
+
+def _describe_difference(found: dict, wanted: dict) -> str:
+    """Which key fields differ, worded for a user (first few)."""
+    parts = []
+    for field in KEY_FIELDS:
+        a, b = found.get(field), wanted.get(field)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = [f"{field}.{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            parts.extend(inner)
+        elif field == "clips_sha256":
+            parts.append("clip list or clip lengths")
+        else:
+            parts.append(f"{field}: {a!r} vs {b!r}")
+    return "; ".join(parts[:4]) + ("; …" if len(parts) > 4 else "")
+
+
+def read_manifest(cache_dir) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StimulusError(f"{cache_dir} is not a feature cache (no {MANIFEST}): create it with `s3prl-stimulus extract`") from None
+    except (OSError, ValueError) as err:
+        raise StimulusError(f"cache manifest {path} is unreadable ({err}): delete {cache_dir} and extract again") from None
+    if manifest.get("schema") != SCHEMA or manifest.get("key") != manifest_key_or_none(manifest):
+        raise StimulusError(f"cache manifest {path} is from another cache format or was edited: delete {cache_dir} and extract again")
+    return manifest
+
+
+def manifest_key_or_none(manifest: dict) -> Optional[str]:
+    try:
+        return manifest_key(manifest)
+    except KeyError:
+        return None

@@ -1,0 +1,187 @@
+"""The S3PRL runner's training loop and the expert's evaluation, for every run of the grid at once.
+
+The R runs are stacked into batched tensors (:mod:`s3prl_stimulus.cache.head`): layer weights
+``[R, L]``, projector ``[R, P, D]`` and ``[R, P]``, output layer ``[R, C, P]`` and ``[R, C]``. One
+step gathers each run's batch ``[R, B, L, D]``, computes all logits with two batched matrix
+products, sums the runs' losses and steps one optimizer over the stacked tensors. Runs never interact:
+
+- the loss is a sum of per-run losses, so each run's gradient is its own;
+- gradient clipping is computed per run (the norm over that run's slices), as S3PRL's runner clips
+  each run's parameters;
+- the optimizer is S3PRL's ``get_optimizer`` with the config's ``optimizer`` section (the paper:
+  ``torch.optim.AdamW``, lr 1e-4); only element-wise optimizers are accepted, for which updating a
+  stacked tensor equals updating each run's slice alone.
+
+Steps, clipping, accumulation and the evaluation schedule are the config's ``runner`` section; each
+run keeps its dev-best parameters by the expert's rule (``evalrc.select_by``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+from s3prl_stimulus.cache.grid import BatchPlan, Grid
+from s3prl_stimulus.cache.head import build_optimizer
+from s3prl_stimulus.cache.sweep_config import S3PRL_PATH
+from s3prl_stimulus.errors import StimulusError
+
+
+# --- loss ---------------------------------------------------------------------------------------
+
+
+def batched_loss(head, grid: Grid, positions, counts, accumulate: int):
+    """Sum over runs of each run's class-balanced soft CE (mean over its batch), divided by ``accumulate``.
+
+    :func:`s3prl_stimulus.loss.soft_cross_entropy` takes a mean over every row of the stacked batch;
+    its per-clip scaling is linear in the class weights, so run r's rows get weights
+    ``w_r * R*B / (n_r * accumulate)``: the stacked mean then equals the sum of per-run means, and
+    padding rows (zero targets) add nothing.
+    """
+    import torch
+
+    from s3prl_stimulus.loss import soft_cross_entropy
+
+    n_runs, batch = positions.shape
+    mask = torch.arange(batch, device=positions.device).unsqueeze(0) < counts.unsqueeze(1)
+    flat = grid.offsets.unsqueeze(1) + positions
+    logits = head(grid.features[grid.train_rows[flat]])
+    targets = grid.train_targets[flat] * mask.unsqueeze(-1)
+    scale = (n_runs * batch) / (counts.to(torch.float32) * accumulate)
+    weights = (grid.class_weights * scale.unsqueeze(1)).unsqueeze(1).expand(-1, batch, -1)
+    n_classes = logits.shape[-1]
+    return soft_cross_entropy(logits.reshape(-1, n_classes), targets.reshape(-1, n_classes), weights.reshape(-1, n_classes))
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Logits (float64, CPU) of every run on one split, in the fold's clip order."""
+
+    split: str
+    logits: dict  # run index -> torch.DoubleTensor [N, C]
+
+
+def evaluate_split(head, grid: Grid, split: str) -> Evaluation:
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for fold, data in grid.folds.items():
+            runs = [r for r, run in enumerate(grid.runs) if run.fold == fold]
+            if not runs:
+                continue
+            means = grid.features[torch.from_numpy(data.rows[split]).to(grid.features.device)]
+            logits = head.run_logits(torch.tensor(runs, device=means.device), means)
+            for i, r in enumerate(runs):
+                out[r] = logits[i].double().cpu()  # as the expert: float32 logits, scored in float64
+    return Evaluation(split, out)
+
+
+def split_loss(grid: Grid, run_index: int, logits, split: str, stimulus: str) -> float:
+    """The expert's loss on a split: class-balanced soft CE against ``stimulus``'s targets, mean over clips."""
+    import torch
+
+    from s3prl_stimulus.loss import soft_cross_entropy
+
+    run = grid.runs[run_index]
+    data = grid.folds[run.fold]
+    targets = torch.from_numpy(data.soft_targets(stimulus, split))
+    return soft_cross_entropy(logits, targets, data.class_weights[run.train_stimulus].cpu()).item()
+
+
+def dev_scores(grid: Grid, run_index: int, logits) -> tuple[float, float]:
+    """Dev loss and dev macro-F1 on the run's training stimulus (the expert's dev-best criteria)."""
+    import torch
+
+    from s3prl_stimulus.metrics import binarize, macro_f1
+
+    run = grid.runs[run_index]
+    data = grid.folds[run.fold]
+    loss = split_loss(grid, run_index, logits, "dev", run.train_stimulus)
+    probs = torch.softmax(logits, dim=-1).numpy()
+    return loss, macro_f1(data.binary_labels(run.train_stimulus, "dev"), binarize(probs))
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    best_step: list  # per run: step of dev-best (0: never improved)
+    best_state: object  # BatchedHead holding each run's dev-best parameters
+    history: list  # rows: run, step, dev_loss, dev_macro_f1, test_loss, test_macro_f1
+    best_loss: list  # per run: lowest dev loss so far (the expert's best_dev_loss buffer)
+    best_f1: list  # per run: highest dev macro-F1 so far (best_dev_macro_f1)
+    step_evaluations: list = field(default_factory=list)  # (step, dev, test Evaluations) when all steps are kept
+
+
+def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: bool = False) -> TrainResult:
+    """The S3PRL runner's training loop, for every run at once (see the module docstring)."""
+    import torch
+    from tqdm import tqdm
+
+    runner = config["runner"]
+    total, accumulate, eval_step = runner["total_steps"], runner["gradient_accumulate_steps"], runner["eval_step"]
+    select_by = config["downstream_expert"]["evalrc"]["select_by"]
+    optimizer, scheduler = build_optimizer(head, config, total)
+    plan = BatchPlan(grid, int(config["downstream_expert"]["datarc"]["train_batch_size"]))
+    best = copy.deepcopy(head)
+    result = TrainResult([0] * len(grid.runs), best, [], [math.inf] * len(grid.runs), [-math.inf] * len(grid.runs))
+    device = grid.features.device
+    head.train()
+    for step in tqdm(range(1, total + 1), desc=f"sweep {len(grid.runs)} runs", unit="step", disable=not progress,
+                     dynamic_ncols=True):
+        for _ in range(accumulate):
+            positions, counts = plan.next()
+            positions, counts = torch.from_numpy(positions).to(device), torch.from_numpy(counts).to(device)
+            batched_loss(head, grid, positions, counts, accumulate).backward()
+        norms = head.clip_gradients(float(runner["gradient_clipping"]))
+        if torch.isnan(norms).any():
+            bad = grid.runs[int(torch.nonzero(torch.isnan(norms))[0])]
+            raise StimulusError(f"run {bad.name}: gradient norm is NaN at step {step} (S3PRL would skip that step, which "
+                                f"stacked runs cannot): check the cache for non-finite features, or {S3PRL_PATH}")
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler:
+            scheduler.step()
+        if step % eval_step == 0:
+            _evaluate_step(head, grid, step, select_by, result, keep_steps)
+    return result
+
+
+def _evaluate_step(head, grid, step, select_by, result: TrainResult, keep_steps: bool) -> None:
+    """Dev (and test) evaluation at an eval step; dev-best snapshots per run (strict improvement, as the expert)."""
+    import torch
+
+    from s3prl_stimulus.metrics import binarize, macro_f1
+
+    head.eval()
+    dev = evaluate_split(head, grid, "dev")
+    test = evaluate_split(head, grid, "test")
+    improved = []
+    for r, run in enumerate(grid.runs):
+        loss, f1 = dev_scores(grid, r, dev.logits[r])
+        better = loss < result.best_loss[r] if select_by == "loss" else f1 > result.best_f1[r]
+        result.best_loss[r], result.best_f1[r] = min(loss, result.best_loss[r]), max(f1, result.best_f1[r])
+        if better:
+            improved.append(r)
+            result.best_step[r] = step
+        data = grid.folds[run.fold]
+        test_probs = torch.softmax(test.logits[r], dim=-1).numpy()
+        result.history.append({
+            "run": r, "step": step, "dev_loss": loss, "dev_macro_f1": f1,
+            "test_loss": split_loss(grid, r, test.logits[r], "test", run.train_stimulus),
+            "test_macro_f1": macro_f1(data.binary_labels(run.train_stimulus, "test"), binarize(test_probs)),
+        })
+    if improved:
+        index = torch.tensor(improved, device=grid.features.device)
+        with torch.no_grad():
+            for target, source in zip(result.best_state.parameters(), head.parameters()):
+                target[index] = source[index]
+    if keep_steps:
+        result.step_evaluations.append((step, dev, test))
+    head.train()

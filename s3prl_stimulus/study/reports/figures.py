@@ -1,0 +1,124 @@
+"""The report's figures, each saved as PNG and PDF at one fixed size (:data:`FIGURE_PIXELS` for the PNG).
+
+Fig. 2: the learned layer weights per train stimulus, averaged over folds (one figure per upstream).
+For the upstream of Table IV: the cross-testing heatmap (train x test macro-F1) and per-class F1 bars
+on the matched test sets. Missing cells are drawn as missing, never as zero.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from s3prl_stimulus import CLASSES
+from s3prl_stimulus.io import atomic_path
+from s3prl_stimulus.study.reports.build import Report
+from s3prl_stimulus.study.reports.tables import slug
+
+FIGURE_INCHES = (6.4, 4.8)
+FIGURE_DPI = 100
+FIGURE_PIXELS = (640, 480)  # width, height: FIGURE_INCHES x FIGURE_DPI, saved without tight cropping
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt.figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI, layout="constrained")
+
+
+def save_figure(fig, stem: Path) -> list:
+    """PNG and PDF at the fixed size (no tight bbox: the PNG is exactly FIGURE_PIXELS)."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for ext in ("png", "pdf"):
+        target = stem.with_suffix(f".{ext}")
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=ext, dpi=FIGURE_DPI)
+        paths.append(target)
+    plt.close(fig)
+    return paths
+
+
+def layer_weight_means(report: Report, system: str) -> dict:
+    """train stimulus -> (mean, std, n) over folds (and seeds) of the learned layer weights."""
+    result = {}
+    for train in report.study.train_stimuli:
+        weights = [r.layer_weights for r in report.study.runs
+                   if r.system == system and r.train_stimulus == train and r.layer_weights is not None]
+        if not weights:
+            continue
+        if len({len(w) for w in weights}) > 1:
+            report.notes.append(f"{system} / {train}: layer weights of different lengths; not plotted")
+            continue
+        array = np.array(weights)
+        result[train] = (array.mean(axis=0), array.std(axis=0), len(weights))
+    return result
+
+
+def figure_layer_weights(report: Report, system: str, out: Path) -> list:
+    means = layer_weight_means(report, system)
+    if not means:
+        return []
+    if all(len(m[0]) < 2 for m in means.values()):
+        report.notes.append(f"Fig. 2 not drawn for {system}: its featurizer has a single layer")
+        return []
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    for train, (mean, std, n) in means.items():
+        layers = np.arange(len(mean))
+        ax.plot(layers, mean, marker="o", markersize=3, label=f"{train} ({n} runs)")
+        ax.fill_between(layers, mean - std, mean + std, alpha=0.1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (0 = CNN / input features)")
+    ax.set_ylabel("softmax weight (mean ± std over folds)")
+    ax.set_title(f"Fig. 2: learned layer weights, {system}")
+    fig.legend(title="train stimulus", loc="outside right upper", fontsize="small")
+    return save_figure(fig, out / f"fig2_layer_weights_{slug(system)}")
+
+
+def figure_heatmap(report: Report, out: Path) -> list:
+    system, trains, tests = report.chosen, report.study.train_stimuli, report.study.test_stimuli
+    values = np.array([[report.cell(system, s, t).value for t in tests] for s in trains])
+    fig = _figure()
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    ax.set_facecolor("0.85")  # missing cells show as grey, labelled below
+    for (i, j), v in np.ndenumerate(values):
+        text = "missing" if math.isnan(v) else f"{v:.3f}"
+        ax.text(j, i, text, ha="center", va="center", color="black" if math.isnan(v) else "white")
+    ax.set_xticks(range(len(tests)), tests)
+    ax.set_yticks(range(len(trains)), trains)
+    ax.set_xlabel("test label set")
+    ax.set_ylabel("train label set")
+    ax.set_title(f"Cross-testing macro-F1, {system}")
+    fig.colorbar(image, ax=ax, label="macro-F1")
+    return save_figure(fig, out / f"cross_test_heatmap_{slug(system)}")
+
+
+def figure_per_class(report: Report, out: Path) -> list:
+    system, trains = report.chosen, report.study.train_stimuli
+    fig = _figure()
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(trains), 1)
+    positions = np.arange(len(CLASSES))
+    for k, train in enumerate(trains):
+        cell = report.cell(system, train, train)
+        label = f"train {train} / test {train}" + (" (missing)" if cell.missing else "")
+        if cell.missing:  # no bar at all (a zero-height bar would read as F1 = 0); the legend says missing
+            ax.bar([], [], width, label=label)
+            continue
+        ax.bar(positions + (k - (len(trains) - 1) / 2) * width, np.array(cell.per_class), width, label=label)
+    ax.set_xticks(positions, CLASSES)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1 (pooled test predictions)")
+    ax.set_title(f"Per-class F1 on the matched test set, {system}")
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
+    return save_figure(fig, out / f"per_class_f1_{slug(system)}")

@@ -1,0 +1,96 @@
+"""Writing a report: every table, figure and data file, then the ``index.md`` that links them.
+
+The data files are ``scores.csv`` (every pooled scoring: per seed, with its interval), ``fold_scores.csv``
+(the per-fold macro-F1, beside the one stored in each results JSON) and ``missing_runs.csv``;
+``index.md`` also states the scoring settings and lists the missing runs and the report's notes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.io import write_csv_atomic, write_text_atomic
+from s3prl_stimulus.study.reports.build import Report, build_report
+from s3prl_stimulus.study.reports.figures import figure_heatmap, figure_layer_weights, figure_per_class
+from s3prl_stimulus.study.reports.tables import (
+    table2, table3, table4, table4_per_class, table_paired, write_table,
+)
+
+
+def _link(path: Path, out: Path) -> str:
+    return f"[{path.name}]({path.relative_to(out).as_posix()})"
+
+
+def _index(report: Report, out: Path, tables: list, figures: dict, extra: list) -> str:
+    study, settings = report.study, report.settings
+    n_seeds = {s: len(v) for s, v in study.seeds.items()}
+    lines = [
+        "# Stimulus Modality Matters: report", "",
+        f"- results: `{report.results_dir}` ({len(study.runs)} runs; paths: "
+        f"{', '.join(sorted({r.path for r in study.runs}))}; votes: `{study.votes}`)",
+        f"- upstreams: {', '.join(report.ranking())}; Table IV and single-upstream figures: **{report.chosen}**",
+        f"- train stimuli: {', '.join(study.train_stimuli)}; test stimuli: {', '.join(study.test_stimuli)}",
+        f"- scoring: the five folds' test predictions pooled (every clip once); macro-F1 and per-class F1 on "
+        f"predictions binarised at softmax > 1/6; {100 - settings.alpha:g}% percentile bootstrap, "
+        f"{settings.num_bootstraps} resamples of {'speakers' if settings.by_speaker else 'clips'}, seed {settings.seed}",
+    ]
+    if any(n > 1 for n in n_seeds.values()):
+        lines.append("- several seeds: " + ", ".join(f"{s}: {n}" for s, n in n_seeds.items())
+                     + "; each seed is scored on its own and tables show mean ± sample std over seeds")
+    lines += ["", "## Tables", ""]
+    for table, paths in tables:
+        lines.append(f"- {table.title}: " + " · ".join(_link(p, out) for p in paths))
+    lines += ["", "## Figures", ""]
+    for title, paths in figures.items():
+        png = next(p for p in paths if p.suffix == ".png")
+        lines += [f"### {title}", "", f"![{title}]({png.relative_to(out).as_posix()})", "",
+                  " · ".join(_link(p, out) for p in paths), ""]
+    lines += ["## Data", ""] + [f"- {_link(p, out)}" for p in extra]
+    lines += ["", "## Missing runs", ""]
+    if study.missing.empty:
+        lines.append("None: every upstream has every train stimulus, fold, seed and test label set.")
+    else:
+        from s3prl_stimulus.tables import render
+
+        lines += [f"{len(study.missing)} missing (shown as 'missing' in the tables, never as zero):", "",
+                  render(study.missing.set_index("system"), "markdown")]
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Report, out_dir: str | os.PathLike, decimals: int = 3) -> Path:
+    """Write every table, figure and data file, then ``index.md``; returns the index path."""
+    if not 0 <= int(decimals) <= 10:
+        raise StimulusError(f"--decimals must be between 0 and 10, got {decimals}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise StimulusError(f"--out {out} exists and is not a directory: choose a directory for the report")
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [t for t in (table2(report, decimals), table3(report, decimals), table4(report, decimals),
+                          table4_per_class(report, decimals), table_paired(report, decimals)) if t is not None]
+    written = [(t, write_table(t, out)) for t in tables]
+    figures = {}
+    for system in report.ranking():
+        paths = figure_layer_weights(report, system, out)
+        if paths:
+            figures[f"Fig. 2: layer weights, {system}"] = paths
+    figures[f"Cross-testing heatmap, {report.chosen}"] = figure_heatmap(report, out)
+    figures[f"Per-class F1, {report.chosen}"] = figure_per_class(report, out)
+    extra = []
+    for name, frame in (("scores.csv", report.pooled), ("fold_scores.csv", report.per_fold),
+                        ("missing_runs.csv", report.study.missing)):
+        write_csv_atomic(out / name, frame, float_format="%.6f")
+        extra.append(out / name)
+    index = out / "index.md"
+    write_text_atomic(index, _index(report, out, written, figures, extra))
+    return index
+
+
+def make_report(results_dir, out_dir, *, decimals: int = 3, **kwargs) -> Report:
+    """:func:`build_report` then :func:`write_report`."""
+    report = build_report(results_dir, **kwargs)
+    write_report(report, out_dir, decimals)
+    return report
