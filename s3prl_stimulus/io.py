@@ -1,5 +1,9 @@
 """Atomic file output: results are written to a temporary name beside the target, then renamed,
-so an interrupted or failed run never leaves a half-written file under its final name."""
+so an interrupted or failed run never leaves a half-written file under its final name.
+
+The temporary file is created private (``mkstemp``: mode 0600) so nobody reads it half-written; before
+the rename it gets the mode a plain ``open()`` would have given it (0666 less the umask), so results,
+caches and reports shared on a cluster are as readable as S3PRL's own checkpoints."""
 
 from __future__ import annotations
 
@@ -8,8 +12,32 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (Linux >= 4.7)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it: set it straight back
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -22,6 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
