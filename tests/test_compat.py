@@ -324,3 +324,21 @@ def test_launcher_refuses_checkpoints_of_another_task(tmp_path):
         check_past_checkpoint(["-m", "evaluate", "-e", str(tmp_path / "junk.ckpt")])
     with pytest.raises(StimulusError, match="does not exist"):
         check_past_checkpoint(["-m", "evaluate", "-e", str(tmp_path / "missing.ckpt")])
+
+
+def _prepare_in_fresh_interpreter(extra_env: dict) -> subprocess.CompletedProcess:
+    code = "from s3prl_stimulus.integration.compat import prepare_s3prl_stack; print(prepare_s3prl_stack())"
+    env = {k: v for k, v in os.environ.items() if k != "S3PRL_STIMULUS_VERBOSE"} | extra_env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_mismatched_torchaudio_is_mentioned_only_at_the_verbose_level():
+    pytest.importorskip("s3prl")
+    quiet = _prepare_in_fresh_interpreter({})
+    assert quiet.returncode == 0, quiet.stderr
+    if "torchaudio-without-extension" not in quiet.stdout:
+        pytest.skip("this stack's torchaudio matches its torch: no fallback, no notice")
+    assert "torchaudio" not in quiet.stderr  # a supported set-up is not reported on every command
+    verbose = _prepare_in_fresh_interpreter({"S3PRL_STIMULUS_VERBOSE": "1"})
+    notice = [line for line in verbose.stderr.splitlines() if line.startswith("[s3prl-stimulus] torchaudio")]
+    assert len(notice) == 1 and "was built for another torch" in notice[0] and "fbank and MFCC features work" in notice[0]

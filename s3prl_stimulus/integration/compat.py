@@ -23,6 +23,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import types
 import warnings
@@ -103,12 +104,24 @@ def _import_torchaudio() -> tuple[types.ModuleType, bool]:
         raise
     import torch
 
-    log.warning(
-        "torchaudio %s does not match torch %s (%s); using torchaudio without its compiled extension: "
-        "fbank/MFCC features work, sox effects, forced alignment and CTC decoders do not",
-        getattr(module, "__version__", "?"), torch.__version__, reason[:300],
+    # A supported set-up (README, "Supported stacks"), not a fault: said only at the verbose level.
+    _notice(
+        f"torchaudio {getattr(module, '__version__', '?')} was built for another torch than this one "
+        f"({torch.__version__}), so only its pure-Python parts are used; that is all S3PRL needs here "
+        "(fbank and MFCC features work; sox effects, forced alignment and CTC decoders are unavailable). "
+        f"Loader message: {reason[:300]}"
     )
     return module, True
+
+
+VERBOSE_ENV = "S3PRL_STIMULUS_VERBOSE"
+
+
+def _notice(message: str) -> None:
+    """Log at INFO; also print to stderr when ``S3PRL_STIMULUS_VERBOSE`` is set (any value but 0/empty)."""
+    log.info(message)
+    if os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+        print(f"[s3prl-stimulus] {message}", file=sys.stderr)
 
 
 def _raised_by_extension_loader(error: BaseException) -> bool:
