@@ -69,6 +69,18 @@ while [ $# -gt 0 ]; do
 done
 case "${path}" in s3prl|cache) ;; *) die "--path ${path}: choose s3prl or cache" ;; esac
 case "${dry_run}" in true|false) ;; *) die "--dry_run ${dry_run}: true or false" ;; esac
+for flag in submit preflight; do
+    case "${!flag}" in true|false) ;; *) die "--${flag} ${!flag}: true or false" ;; esac
+done
+# Numbers are checked here: bash's `[ x -le 0 ]` only prints an error and is false, so a bad --stage
+# would otherwise run no stage at all and exit 0.
+is_count() { [[ "$1" =~ ^[0-9]+$ ]]; }
+for flag in stage stop_stage; do
+    { is_count "${!flag}" && [ "${!flag}" -le 4 ]; } || die "--${flag} ${!flag}: give a stage number from 0 to 4"
+done
+[ "${stop_stage}" -ge "${stage}" ] || die "--stop_stage ${stop_stage} comes before --stage ${stage}: no stage would run"
+is_count "${ngpu}" || die "--ngpu ${ngpu}: give a number of GPUs (0: one job at a time)"
+{ is_count "${download_workers}" && [ "${download_workers}" -ge 1 ]; } || die "--download_workers ${download_workers}: give a number >= 1"
 # A votes file is named by its absolute path in every run's results (the report selects runs by it).
 [ -f "${votes}" ] && votes=$(realpath "${votes}")
 

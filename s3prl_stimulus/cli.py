@@ -65,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.filename is None or isinstance(err, BrokenPipeError):
+            raise
+        # A file-system failure the checks up front could not foresee (disk full, quota, a file removed
+        # under us): one line naming the file, as for any bad input.
+        print(f"error: {err.filename}: {err.strerror or err}; free space or choose another location, then rerun "
+              "(finished outputs are kept)", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # Output piped into e.g. `head`, which closed early: not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

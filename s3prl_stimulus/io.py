@@ -56,6 +56,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable_dir(path: str | os.PathLike, option: str) -> Path:
+    """``path`` if a directory can be written or created there (nothing is created); else a one-line error.
+
+    Called before any work, so a wrong ``--out`` fails in a second rather than after hours of training.
+    """
+    path = Path(path)
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _error(f"{option} {path}: {existing} is not a directory; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _error(f"{option} {path}: cannot write in {existing} (permission denied or read-only file system); "
+                     f"choose a writable {option}")
+    return path
+
+
+def _error(message: str) -> Exception:
+    from s3prl_stimulus.errors import StimulusError
+
+    return StimulusError(message)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -17,6 +17,7 @@ import numpy as np
 
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.labels import FoldLabels
+from s3prl_stimulus.seeds import check_seed
 
 
 # --- caches and data ----------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def make_runs(train_stimuli, folds, seeds) -> list[Run]:
 
     stimuli = list(dict.fromkeys(check_stimulus(s) for s in train_stimuli))
     folds = list(dict.fromkeys(check_fold(k) for k in folds))
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    seeds = list(dict.fromkeys(check_seed(s, "--seeds") for s in seeds))
     if not stimuli or not folds or not seeds:
         raise StimulusError("the grid is empty: give at least one train stimulus, fold and seed")
     return [Run(s, k, seed) for s in stimuli for k in folds for seed in seeds]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.study.corpus import DEFAULT_BASE_URL, download_corpus, parse_clip_list
 
 
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.to, "--to")
     clips = parse_clip_list(args.clips) if args.clips else None
     summary = download_corpus(
         args.to, clips, base_url=args.base_url, workers=args.workers, manifest=args.manifest,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.partition import FOLDS
 
 
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out, "--out")
     from s3prl_stimulus.cache.extraction import extract
     from s3prl_stimulus.cache.store import describe_cache
     from s3prl_stimulus.cache.upstream import UpstreamSpec

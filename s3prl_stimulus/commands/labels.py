@@ -2,6 +2,7 @@
 
 from s3prl_stimulus import STIMULI
 from s3prl_stimulus.commands.common import add_votes_arguments, votes_from_args
+from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.label_files import LAYOUTS, write_label_files
 from s3prl_stimulus.labels import DEFAULT_SMOOTHING, check_smoothing
 from s3prl_stimulus.partition import FOLDS, check_fold
@@ -19,6 +20,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    check_writable_dir(args.out, "--out")
     smoothing = check_smoothing(args.smoothing)
     folds = [check_fold(k) for k in args.folds]
     written = write_label_files(args.out, votes_from_args(args), args.stimuli, folds, args.layout, smoothing)

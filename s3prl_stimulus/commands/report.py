@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.study.reports import ScoreSettings, make_report
 
 
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out, "--out")
     settings = ScoreSettings(args.bootstraps, args.alpha, args.bootstrap_unit == "speaker", args.seed)
     report = make_report(args.results_dir, args.out, decimals=args.decimals, upstream=args.upstream,
                          votes=args.votes, path=args.path, settings=settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from s3prl_stimulus import STIMULI
+from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.partition import FOLDS
 from s3prl_stimulus.tables import FORMATS, render
 
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out, "--out")
     from s3prl_stimulus.cache.sweep_outputs import grid_table
     from s3prl_stimulus.cache.sweeping import evaluate_checkpoint, sweep
 

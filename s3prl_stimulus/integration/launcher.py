@@ -23,10 +23,13 @@ import glob
 import importlib
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.integration.registration import DOWNSTREAM_NAME, downstream_folder
+from s3prl_stimulus.seeds import check_seed
 
 NOTE = "[s3prl-stimulus]"
 
@@ -50,6 +53,8 @@ def _known_arguments() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--expdir")
     parser.add_argument("--device")
     parser.add_argument("--local_rank")
+    parser.add_argument("--seed")
+    parser.add_argument("-o", "--override")
     return parser
 
 
@@ -149,6 +154,62 @@ def check_past_checkpoint(argv: list[str]) -> None:
         raise StimulusError(f"checkpoint {path} was trained for downstream {task!r}, not {known.downstream!r}: pass a checkpoint of this task")
 
 
+def check_inputs(argv: list[str]) -> None:
+    """What S3PRL would otherwise fail on with a traceback, after its start-up: the seed, a training
+    expdir that cannot be written, and a damaged checkpoint that ``-a`` would resume from."""
+    known, _ = _known_arguments().parse_known_args(argv)
+    if known.help:
+        return
+    for option, value in (("--seed", known.seed), ("-o args.seed", _override(known.override, "args.seed"))):
+        if value is not None:
+            check_seed(value, option)
+    if known.mode == "train" and not known.past_exp:
+        check_writable_dir(_expdir(known), "-p" if known.expdir else "-n")
+    if known.auto_resume and not known.past_exp:
+        check_resumable(Path(_expdir(known)))
+
+
+def _expdir(known) -> str:
+    return known.expdir or f"result/downstream/{known.expname}"
+
+
+def _override(override: str | None, key: str) -> str | None:
+    """The value S3PRL's ``-o "a.b=V,,c=W"`` gives ``key``, if any (the last one wins, as in S3PRL)."""
+    value = None
+    for item in (override or "").split(",,"):
+        name, sep, text = item.partition("=")
+        if sep and name.strip() == key:
+            value = text.strip().strip("'\"")
+    return value
+
+
+def check_resumable(expdir: Path) -> None:
+    """Refuse ``-a`` when the ``states-*.ckpt`` S3PRL would resume from (the highest step) is damaged.
+
+    torch checkpoints are zip archives whose directory is at the end, so a file cut short by a kill or a
+    full disk fails to open as a zip: checked in milliseconds, without loading the weights.
+    """
+    states = sorted(expdir.glob("states-*.ckpt"), key=_step_of)
+    if not states:
+        return
+    latest = states[-1]
+    try:
+        with zipfile.ZipFile(latest):
+            pass
+    except (zipfile.BadZipFile, OSError) as error:
+        earlier = f"delete it to resume from {states[-2].name}" if len(states) > 1 else "delete it to restart the run"
+        raise StimulusError(f"-a would resume from {latest}, which is damaged ({type(error).__name__}: truncated or not "
+                            f"a torch checkpoint): {earlier}") from None
+
+
+def _step_of(path: Path) -> int:
+    # S3PRL's own ordering: the number after the last '-' of the file name.
+    try:
+        return int(path.name.split("-")[-1].split(".")[0])
+    except ValueError:
+        return -1
+
+
 def _torch_version() -> str:
     import torch
 
@@ -167,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv, notes = resolve_arguments(argv)
+        check_inputs(argv)
         prepare_s3prl_stack()
         check_past_checkpoint(argv)
     except StimulusError as error:

@@ -14,6 +14,7 @@ from typing import Optional
 from s3prl_stimulus import STIMULI
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.partition import check_fold
+from s3prl_stimulus.seeds import check_seed
 
 PATHS = ("s3prl", "cache")
 PAPER_UPSTREAMS = (
@@ -141,10 +142,7 @@ def check_stimuli(values) -> tuple:
 
 
 def check_seeds(values) -> tuple:
-    try:
-        seeds = tuple(dict.fromkeys(int(s) for s in split_list(values)))
-    except ValueError:
-        raise StimulusError(f"seeds {values!r}: give integers, e.g. --seeds 1337 or --seeds 1,2,3") from None
+    seeds = tuple(dict.fromkeys(check_seed(s, "--seeds") for s in split_list(values)))
     if not seeds:
         raise StimulusError("no seeds given: pass e.g. --seeds 1337")
     return seeds
