@@ -107,7 +107,7 @@ if [ "${stage}" -le 0 ] && [ "${stop_stage}" -ge 0 ]; then
     log "Stage 0: download CREMA-D's AudioWAV clips to ${corpus} and verify them"
     corpus_options=()
     [ -n "${manifest}" ] && corpus_options+=(--manifest "${manifest}")
-    download_options=(--workers "${download_workers}" --quiet)
+    download_options=(--workers "${download_workers}")  # a bar on a terminal, progress lines in logs
     [ -n "${base_url}" ] && download_options+=(--base-url "${base_url}")
     run "${python}" -m s3prl_stimulus download --to "${corpus}" "${download_options[@]}" "${corpus_options[@]}"
     run "${python}" -m s3prl_stimulus verify --corpus "${corpus}" "${corpus_options[@]}"

@@ -263,3 +263,66 @@ def test_verify_reports_each_kind_of_problem(tmp_path, capsys):
     code = cli.main(["verify", "--corpus", str(corpus), "--manifest", str(manifest)])
     out = capsys.readouterr().out
     assert code == 1 and "NOT usable" in out and "1001_DFA_ANG_XX: checksum" in out
+
+
+# ---- offline machines and logs (issue 10, item 3)
+
+
+def closed_port_url() -> str:
+    """An http URL on loopback where nothing listens: every connection is refused at once."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/AudioWAV/"
+
+
+def test_an_unreachable_host_stops_the_download_in_one_line(tmp_path, monkeypatch, capsys):
+    import time
+
+    monkeypatch.setattr("s3prl_stimulus.study.corpus.RETRY_BACKOFF_S", 0.2)
+    files = {f"10{10 + i}_DFA_ANG_XX": wav_bytes(0.5, seed=i) for i in range(40)}
+    manifest = write_manifest(tmp_path / "manifest.csv", files)
+    url = closed_port_url()
+    started = time.monotonic()
+    code = cli.main(["download", "--to", str(tmp_path / "AudioWAV"), "--base-url", url, "--manifest", str(manifest),
+                     "--workers", "2", "--retries", "3", "--quiet"])
+    elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach 127.0.0.1" in lines[0] and "8 connections in a row failed" in lines[0]
+    assert "--base-url" in lines[0] and "s3prl-stimulus verify" in lines[0]
+    # 40 clips x 4 attempts with back-off would take over a minute; it stops after the first 8 failures
+    assert elapsed < 10
+    assert not list((tmp_path / "AudioWAV").glob("*.wav"))
+
+
+def test_one_unreachable_answer_among_good_ones_does_not_stop_the_download(served, tmp_path, capsys):
+    from s3prl_stimulus.study import corpus
+
+    server, manifest, files = served
+    watch = corpus._HostWatch(limit=3)
+    assert not watch.failed("refused") and not watch.failed("refused")
+    watch.answered()  # the host answered in between: the count starts again
+    assert not watch.failed("refused") and not watch.failed("refused") and watch.failed("refused")
+    code, _ = download(capsys, server, manifest, tmp_path / "ok")
+    assert code == 0
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(served, tmp_path, monkeypatch, capsys):
+    server, manifest, files = served
+    monkeypatch.setattr("s3prl_stimulus.study.corpus.PROGRESS_EVERY_S", 0.0)
+    code = cli.main(["download", "--to", str(tmp_path / "AudioWAV"), "--base-url", server.url, "--manifest",
+                     str(manifest), "--workers", "1", "--retries", "0"])  # no --quiet; pytest's stderr is no terminal
+    err = capsys.readouterr().err
+    assert code == 0
+    pattern = re.compile(r"^download: (\d+)/4 clips, ([\d.]+)/([\d.]+) MB, [\d.]+ MB/s, (ETA .+|done)$")
+    lines = [pattern.match(line) for line in err.splitlines() if line.startswith("download:")]
+    assert lines and all(lines), err
+    total_mb = sum(len(b) for b in files.values()) / 1e6
+    final = lines[-1]
+    assert final.group(1) == "4" and final.group(4) == "done" and float(final.group(2)) == pytest.approx(total_mb, abs=0.06)
+    assert float(final.group(3)) == pytest.approx(total_mb, abs=0.06)
+    assert any(m.group(4).startswith("ETA") for m in lines[:-1])

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=3, help="extra attempts per clip after a network error (default: 3)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a stalled connection is retried (default: 60)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="summary format (default: table)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (terminal) or progress lines (logs)")
     # A manifest other than the packaged one: for tests and private mirrors (clip,bytes,sha256 CSV).
     parser.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
 

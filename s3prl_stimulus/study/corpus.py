@@ -40,6 +40,7 @@ import concurrent.futures
 import http.client
 import math
 import os
+import sys
 import threading
 import time
 import urllib.error
@@ -77,6 +78,12 @@ PART_SUFFIX = ".part"
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 RETRY_BACKOFF_S = 0.5
 """First pause before a retry; it doubles per attempt, up to 8 s."""
+UNREACHABLE_AFTER = 8
+"""Connection failures in a row, without the host answering once in between, after which the whole
+download stops: the host is unreachable (offline machine, wrong URL, firewall), and retrying each of
+7,442 clips with back-off would only print thousands of failure lines an hour later."""
+PROGRESS_EVERY_S = 30.0
+"""Seconds between progress lines when stderr is not a terminal (logs, SLURM), where no bar is drawn."""
 _CHUNK = 1 << 16
 _PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
 _USER_AGENT = "s3prl-stimulus (CREMA-D downloader; python-urllib)"
@@ -208,6 +215,10 @@ class _Permanent(Exception):
     """A transfer problem that another try will not fix (404, 403, ...)."""
 
 
+class _Unreachable(_Retryable):
+    """No answer from the host at all (refused, unresolvable, timed out): counts towards UNREACHABLE_AFTER."""
+
+
 class _RangeRejected(_Retryable):
     """HTTP 416: the server will not continue our partial file; the next try starts from scratch."""
 
@@ -228,8 +239,10 @@ def _open(url: str, offset: int, timeout: float):
             raise _RangeRejected(f"HTTP 416 for a resumed transfer from byte {offset}") from None
         message = f"HTTP {err.code} {err.reason} ({url})"
         raise (_Permanent if err.code in _PERMANENT_HTTP else _Retryable)(message) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        raise _Retryable(f"{getattr(err, 'reason', err)!s} ({url})") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise _Unreachable(f"{getattr(err, 'reason', err)!s} ({url})") from None
+    except http.client.HTTPException as err:  # the host answered, badly
+        raise _Retryable(f"{err!r} ({url})") from None
 
 
 def _transfer(url: str, part: Path, size: int, timeout: float, advance: Callable[[int], None], stop: threading.Event) -> bool:
@@ -284,8 +297,31 @@ def _bad_content(part: Path, size: int, sha256: str) -> Optional[str]:
     return f"downloaded file fails verification ({problem})"
 
 
+class _HostWatch:
+    """Counts connection failures in a row across all transfers; any answer from the host resets it."""
+
+    def __init__(self, limit: int = UNREACHABLE_AFTER):
+        self.limit = limit
+        self.failures = 0
+        self.last_error = ""
+        self.unreachable = False
+        self.lock = threading.Lock()
+
+    def answered(self) -> None:
+        with self.lock:
+            self.failures = 0
+
+    def failed(self, error: str) -> bool:
+        """Record a connection failure; True once the host counts as unreachable."""
+        with self.lock:
+            self.failures += 1
+            self.last_error = error
+            self.unreachable = self.unreachable or self.failures >= self.limit
+            return self.unreachable
+
+
 def _fetch_clip(clip: str, size: int, sha256: str, corpus: Path, base_url: str, retries: int, timeout: float,
-                advance: Callable[[int], None], stop: threading.Event) -> DownloadOutcome:
+                advance: Callable[[int], None], stop: threading.Event, host: _HostWatch) -> DownloadOutcome:
     final = clip_path(corpus, clip)
     existing = file_problem(final, size, sha256) if final.exists() else "missing"
     part = part_path(corpus, clip)
@@ -307,11 +343,19 @@ def _fetch_clip(clip: str, size: int, sha256: str, corpus: Path, base_url: str, 
             time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), 8.0))
         try:
             resumed = _transfer(url, part, size, timeout, advance, stop)
+        except _Unreachable as err:
+            last_error = str(err)
+            if host.failed(last_error):
+                stop.set()
+            continue
         except _Permanent as err:
+            host.answered()
             return DownloadOutcome(clip, "failed", str(err))
         except _Retryable as err:
+            host.answered()
             last_error = str(err)
             continue
+        host.answered()
         problem = _bad_content(part, size, sha256)
         if problem is None:
             os.replace(part, final)  # verified bytes only ever appear under the final name
@@ -336,8 +380,10 @@ def download_corpus(
 ) -> DownloadSummary:
     """Fetch the manifest's clips (or ``clips``) into ``dest`` as ``<clip>.wav``; see the module doc.
 
-    ``progress``: tqdm bar over bytes (None: only on a terminal). Never raises for a clip's
-    transfer failure: failures are in the summary (``summary.ok`` is False).
+    ``progress``: tqdm bar over bytes (None: a bar on a terminal, else a progress line on stderr every
+    PROGRESS_EVERY_S seconds; False: silent). Never raises for a clip's transfer failure: failures are in the
+    summary (``summary.ok`` is False). Raises :class:`StimulusError` once the host proves unreachable
+    (UNREACHABLE_AFTER connection failures in a row); verified clips and partial transfers are kept.
     """
     if int(workers) < 1:
         raise StimulusError(f"--workers must be at least 1, got {workers}")
@@ -352,22 +398,30 @@ def download_corpus(
 
     from tqdm import tqdm
 
-    lock, stop = threading.Lock(), threading.Event()
-    bar = tqdm(total=int(table["bytes"].sum()), unit="B", unit_scale=True, unit_divisor=1024,
+    lock, stop, host = threading.Lock(), threading.Event(), _HostWatch()
+    total_bytes = int(table["bytes"].sum())
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                desc="CREMA-D AudioWAV", disable=(None if progress is None else not progress), smoothing=0.1)
+    lines = _ProgressLines(len(table), total_bytes) if progress is None and bar.disable else None
 
     def advance(n: int) -> None:
         with lock:
             bar.update(n)
+            if lines:
+                lines.advance(n)
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=int(workers))
     try:
         futures = [
-            executor.submit(_fetch_clip, clip, int(row.bytes), row.sha256, corpus, base_url, retries, timeout, advance, stop)
+            executor.submit(_fetch_clip, clip, int(row.bytes), row.sha256, corpus, base_url, retries, timeout, advance,
+                            stop, host)
             for clip, row in table.iterrows()
         ]
         for future in concurrent.futures.as_completed(futures):
             summary.outcomes.append(future.result())
+            if lines:
+                with lock:
+                    lines.clip_done()
     except BaseException:
         stop.set()  # workers stop at their next chunk; partial files stay for the next run
         executor.shutdown(wait=True, cancel_futures=True)
@@ -375,8 +429,54 @@ def download_corpus(
     finally:
         executor.shutdown(wait=True)
         bar.close()
+    if host.unreachable:
+        host_name = urllib.parse.urlparse(base_url).netloc
+        raise StimulusError(
+            f"cannot reach {host_name}: {host.limit} connections in a row failed ({host.last_error}); check the "
+            f"network or proxy, pass --base-url with a reachable mirror, or copy CREMA-D's AudioWAV folder into {corpus} "
+            f"and run `s3prl-stimulus verify --corpus {corpus}` (verified clips and partial transfers are kept)")
+    if lines:
+        lines.write(final=True)
     summary.outcomes.sort(key=lambda o: o.clip)
     return summary
+
+
+class _ProgressLines:
+    """Progress as plain lines (clips, MB, rate, ETA) for logs and SLURM, where a tqdm bar is not drawn."""
+
+    def __init__(self, n_clips: int, total_bytes: int, every_s: float | None = None):
+        self.n_clips, self.total_bytes = n_clips, total_bytes
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.clips = self.bytes = 0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        self.bytes += n
+        if time.monotonic() - self.last >= self.every_s:
+            self.write()
+
+    def clip_done(self) -> None:
+        self.clips += 1
+        if time.monotonic() - self.last >= self.every_s:
+            self.write()
+
+    def write(self, final: bool = False) -> None:
+        self.last = time.monotonic()
+        elapsed = max(self.last - self.started, 1e-9)
+        rate = self.bytes / elapsed
+        left = max(self.total_bytes - self.bytes, 0)
+        eta = "done" if final else (f"ETA {_duration(left / rate)}" if rate > 0 else "ETA unknown")
+        print(f"download: {self.clips}/{self.n_clips} clips, {self.bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB, "
+              f"{rate / 1e6:.2f} MB/s, {eta}", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 # --- verify -------------------------------------------------------------------------------------
