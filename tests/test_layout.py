@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS = [
     ("init", {"s3prl_stimulus"}),
-    ("foundations", {f"s3prl_stimulus.{m}" for m in ("errors", "io", "resources", "tables", "audio", "seeds")}),
+    ("foundations", {f"s3prl_stimulus.{m}" for m in ("errors", "io", "resources", "tables", "audio", "seeds", "progress")}),
     ("concepts", {f"s3prl_stimulus.{m}" for m in ("labels", "partition", "loss", "metrics", "agreement", "results",
                                                    "label_files")}),
     ("integration", {"s3prl_stimulus.integration"}),

@@ -318,7 +318,8 @@ def test_cache_path_sweeps_only_the_runs_without_results(tmp_path, fake):
     extract, sweep = (c["argv"] for c in fake.calls()[4:])
     folds = extract.index("--folds")
     assert extract[extract.index("-u") + 1] == "mel"
-    assert extract[folds + 1] == "3" and extract[folds + 2].startswith("--")  # only fold 3's cache is needed
+    assert extract[folds + 1:folds + 2] == ["3"] and not extract[folds + 2:folds + 3] == ["4"]  # only fold 3's cache is needed
+    assert all(a.startswith("--") for a in extract[folds + 2:folds + 3])
     assert sweep[sweep.index("--train-stimuli"):sweep.index("--votes")] == \
         ["--train-stimuli", "face", "av", "--folds", "3", "--seeds", "1337"]
 

@@ -228,7 +228,8 @@ def _encode_missing_chunks(audio_dir, cache_dir: Path, manifest: dict, normalisa
                            batch_clips: int, progress: bool) -> int:
     """Encode every chunk without a valid sidecar; return how many clips were encoded."""
     import torch
-    from tqdm import tqdm
+
+    from s3prl_stimulus.progress import progress_bar
 
     order, max_samples = manifest["clips"], manifest["max_samples"]
     lengths = [min(n, max_samples or n) for n in manifest["samples"]]  # equal after the crop = same batch
@@ -237,8 +238,8 @@ def _encode_missing_chunks(audio_dir, cache_dir: Path, manifest: dict, normalisa
     _remove_stale_temporaries(cache_dir / CHUNKS)
     todo = _bad_chunks(cache_dir, manifest)
     done = len(order) - sum(ranges[i][1] - ranges[i][0] for i in todo)
-    bar = tqdm(total=len(order), initial=done, unit="clip", dynamic_ncols=True, disable=not progress,
-               desc=f"extract {manifest['upstream']['name']} {normalisation.tag}")
+    bar = progress_bar(len(order), f"extract {manifest['upstream']['name']} {normalisation.tag}", "clip", progress,
+                       initial=done)
     batches = [(i, a, b) for i in todo for a, b in equal_length_batches(lengths, *ranges[i], batch_clips)]
     read = lambda a, b: _read_batch(audio_dir, order[a:b], normalisation, max_samples)  # noqa: E731
     parts: dict = {i: [] for i in todo}

@@ -122,7 +122,8 @@ class TrainResult:
 def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: bool = False) -> TrainResult:
     """The S3PRL runner's training loop, for every run at once (see the module docstring)."""
     import torch
-    from tqdm import tqdm
+
+    from s3prl_stimulus.progress import track
 
     runner = config["runner"]
     total, accumulate, eval_step = runner["total_steps"], runner["gradient_accumulate_steps"], runner["eval_step"]
@@ -133,8 +134,7 @@ def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: boo
     result = TrainResult([0] * len(grid.runs), best, [], [math.inf] * len(grid.runs), [-math.inf] * len(grid.runs))
     device = grid.features.device
     head.train()
-    for step in tqdm(range(1, total + 1), desc=f"sweep {len(grid.runs)} runs", unit="step", disable=not progress,
-                     dynamic_ncols=True):
+    for step in track(range(1, total + 1), total, f"sweep {len(grid.runs)} runs", "step", progress):
         for _ in range(accumulate):
             positions, counts = plan.next()
             positions, counts = torch.from_numpy(positions).to(device), torch.from_numpy(counts).to(device)

@@ -56,6 +56,7 @@ import pandas as pd
 from s3prl_stimulus.audio import read_clip_list
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import sha256_file
+from s3prl_stimulus.progress import duration
 from s3prl_stimulus.resources import packaged_file
 
 DEFAULT_BASE_URL = "https://media.githubusercontent.com/media/CheyneyComputerScience/CREMA-D/master/AudioWAV/"
@@ -465,18 +466,9 @@ class _ProgressLines:
         elapsed = max(self.last - self.started, 1e-9)
         rate = self.bytes / elapsed
         left = max(self.total_bytes - self.bytes, 0)
-        eta = "done" if final else (f"ETA {_duration(left / rate)}" if rate > 0 else "ETA unknown")
+        eta = "done" if final else (f"ETA {duration(left / rate)}" if rate > 0 else "ETA unknown")
         print(f"download: {self.clips}/{self.n_clips} clips, {self.bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB, "
               f"{rate / 1e6:.2f} MB/s, {eta}", file=sys.stderr, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 # --- verify -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.progress import duration
 from s3prl_stimulus.study.recipe.settings import split_list
 
 
@@ -56,8 +57,14 @@ def last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def execute(job: Job, env: Optional[dict] = None) -> Outcome:
-    """Run ``job``'s commands into its log; the first failing command ends the job."""
+PROGRESS_EVERY_S = 60.0
+"""Seconds between a running job's progress reports on the console (its log's latest line)."""
+
+
+def execute(job: Job, env: Optional[dict] = None, progress: Optional[Callable[[str], None]] = None) -> Outcome:
+    """Run ``job``'s commands into its log; the first failing command ends the job. While a command runs,
+    ``progress`` gets the log's latest line every :data:`PROGRESS_EVERY_S` seconds (a heartbeat of
+    extract/sweep, S3PRL's step counter)."""
     start = time.monotonic()
     if job.blocked:
         return Outcome(job.name, False, job.blocked, None)
@@ -66,8 +73,7 @@ def execute(job: Job, env: Optional[dict] = None) -> Outcome:
         for command in job.commands:
             log.write(f"# {_timestamp()} $ {shlex.join(command)}\n")
             log.flush()
-            status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=job.log.parent).returncode
+            status = _run_into_log(command, log, env, job.log, progress, start)
             if status != 0:
                 log.write(f"# {_timestamp()} exit status {status}\n")
                 log.flush()
@@ -78,6 +84,24 @@ def execute(job: Job, env: Optional[dict] = None) -> Outcome:
         with open(job.log, "a", encoding="utf-8") as log:
             log.write(f"# {_timestamp()} {problem}\n")
     return Outcome(job.name, problem is None, problem or "", job.log, time.monotonic() - start)
+
+
+def _run_into_log(command: list, log, env: Optional[dict], log_path: Path,
+                  progress: Optional[Callable[[str], None]], start: float) -> int:
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                               cwd=log_path.parent)
+    try:
+        while True:
+            try:
+                return process.wait(timeout=PROGRESS_EVERY_S)
+            except subprocess.TimeoutExpired:
+                if progress is not None:
+                    latest = last_line(log_path)
+                    progress(f"running for {duration(time.monotonic() - start)}" + (f": {latest}" if latest else ""))
+    except BaseException:  # Ctrl-C or a kill of the recipe: the job stops with it, as subprocess.run did
+        process.kill()
+        process.wait()
+        raise
 
 
 def gpu_environment(gpu: Optional[str]) -> dict:
@@ -106,8 +130,12 @@ def run_local(jobs: Sequence[Job], gpus: Sequence[str] = (), report: Callable[[s
             if not job.blocked:
                 with lock:
                     report(f"[{index}/{total}] {job.name}{where}: started (log {job.log})")
+            def progress(text: str, index=index, job=job) -> None:
+                with lock:
+                    report(f"[{index}/{total}] {job.name}: {text}")
+
             try:
-                outcome = execute(job, gpu_environment(gpu))
+                outcome = execute(job, gpu_environment(gpu), progress)
             except Exception as err:  # e.g. the log cannot be written: report it, keep the other jobs going
                 outcome = Outcome(job.name, False, f"{type(err).__name__}: {err}", job.log)
             with lock:

@@ -148,7 +148,7 @@ def extract_command(settings: Settings, upstream: Upstream, folds: Sequence[int]
     max_seconds = override_value(settings.override, f"{DATARC}.max_seconds")
     if max_seconds is not None:
         command += ["--max-seconds", _plain_value(max_seconds)]
-    return command + _device(settings) + ["--no-progress"]
+    return command + _device(settings)  # its log gets heartbeat lines (s3prl_stimulus.progress)
 
 
 def sweep_command(settings: Settings, upstream: Upstream, stimuli, folds, seeds) -> list[str]:
@@ -156,7 +156,7 @@ def sweep_command(settings: Settings, upstream: Upstream, stimuli, folds, seeds)
     return ([settings.python, "-m", "s3prl_stimulus", "sweep", "--cache", str(settings.features / upstream.label),
              "--out", str(settings.root / settings.path), "--name", upstream.label,
              "--train-stimuli", *stimuli, "--folds", *map(str, folds), "--seeds", *map(str, seeds),
-             "--votes", settings.votes, "-o", override] + _device(settings) + ["--no-progress"])
+             "--votes", settings.votes, "-o", override] + _device(settings))
 
 
 def product_groups(runs: Sequence[Run]) -> list[tuple[tuple, tuple, tuple]]:
