@@ -7,7 +7,6 @@ hidden state over exactly the frames S3PRL keeps (``Featurizer.tolist``): what t
 from __future__ import annotations
 
 import difflib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.identity import weights_sha256
 from s3prl_stimulus.io import sha256_file
 
 DTYPES = ("fp32", "bf16")
@@ -68,16 +68,6 @@ def build_upstream(spec: UpstreamSpec, device: str):
     featurizer = Featurizer(upstream, feature_selection=spec.feature_selection, upstream_device=device,
                             layer_selection=spec.layer_selection, normalize=False).to(device)
     return upstream, featurizer
-
-
-def weights_sha256(module) -> str:
-    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes): identifies the checkpoint."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _file_hash_or_none(path) -> Optional[str]:
