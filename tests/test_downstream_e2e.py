@@ -279,7 +279,13 @@ def test_checkpoint_from_another_task_or_head_is_refused(fbank, workspace, tmp_p
     """`-i CKPT` keeps this run's downstream and config: the expert checks the checkpoint itself.
     (With `-e`, S3PRL takes the downstream from the checkpoint and never builds this expert.)"""
     checkpoint = torch.load(fbank[0] / "dev-best.ckpt", map_location="cpu", weights_only=False)
-    build_expert(workspace, tmp_path / "ok", expert_config(workspace), fbank[0] / "dev-best.ckpt", upstream_dim=240)
+    # Built outside S3PRL's Runner, the expert never sees the upstream: loading a head needs the explicit option.
+    with pytest.raises(StimulusError, match=r"built outside S3PRL's Runner.*allow_unverified_upstream=True"):
+        build_expert(workspace, tmp_path / "ok", expert_config(workspace), fbank[0] / "dev-best.ckpt", upstream_dim=240)
+    allowed = expert_config(workspace)
+    allowed["evalrc"]["allow_unverified_upstream"] = True
+    expert = build_expert(workspace, tmp_path / "ok", allowed, fbank[0] / "dev-best.ckpt", upstream_dim=240)
+    assert not expert.identity.verified and expert.identity.weights_sha256 is None
     checkpoint["Args"].downstream = "emotion"
     torch.save(checkpoint, tmp_path / "emotion.ckpt")
     with pytest.raises(StimulusError, match=r"emotion.ckpt was trained for downstream 'emotion', not emotion_stimulus: pass"):
@@ -360,4 +366,5 @@ def test_plain_s3prl_run_downstream_after_register(workspace, registered_s3prl, 
     ok(subprocess.run(command, cwd=registered_s3prl, env=env, capture_output=True, text=True, timeout=300))
     result = results(expdir, "test", "step-2")
     assert result["path"] == "s3prl" and sorted(result["test_stimuli"]) == sorted(STIMULI)
+    assert result["upstream_identity"]["verified"] is True  # the expert found S3PRL's Runner and its upstream
     assert (expdir / "dev-best.ckpt").is_file()

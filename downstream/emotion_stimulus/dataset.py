@@ -108,13 +108,17 @@ def _positive(datarc: dict, key: str, minimum: int = 1) -> int:
 
 
 EVALRC_KEYS = ("select_by", "bootstrap_samples", "bootstrap_by_speaker", "bootstrap_seed")
+EVALRC_OPTIONAL = {"allow_unverified_upstream": False}
+"""Keys a checkpoint's saved config may lack (added after it was written): their defaults."""
 SELECT_BY = ("loss", "macro_f1")
 
 
 def parse_evalrc(evalrc: dict) -> dict:
-    """The validated ``downstream_expert.evalrc``: dev-best criterion and bootstrap settings."""
-    evalrc = dict(evalrc or {})
-    _check_keys("evalrc", evalrc, EVALRC_KEYS)
+    """The validated ``downstream_expert.evalrc``: dev-best criterion, bootstrap settings, upstream checks."""
+    evalrc = EVALRC_OPTIONAL | dict(evalrc or {})
+    _check_keys("evalrc", evalrc, EVALRC_KEYS + tuple(EVALRC_OPTIONAL))
+    if not isinstance(evalrc["allow_unverified_upstream"], bool):
+        raise StimulusError(f"evalrc.allow_unverified_upstream={evalrc['allow_unverified_upstream']!r} must be True or False")
     if evalrc["select_by"] not in SELECT_BY:
         raise StimulusError(f"unknown config.downstream_expert.evalrc.select_by={evalrc['select_by']!r}: use loss (paper) or macro_f1")
     if not isinstance(evalrc["bootstrap_samples"], int) or evalrc["bootstrap_samples"] < 1:

@@ -6,10 +6,16 @@ Each dev/test evaluation runs on rank 0 over the whole split (S3PRL's runner doe
 logits of every clip, and scores them once at corpus level against every label set of
 ``datarc.test_stimuli``, writing ``predictions-<split>-<tag>.csv`` and ``results-<split>-<tag>.json``
 (``<tag>`` = ``step-<N>`` while training, the checkpoint's stem under ``-m evaluate -e X.ckpt``).
+
+The upstream's identity (:mod:`s3prl_stimulus.integration.identity`) is saved in every checkpoint
+as the expert's extra state and in every results JSON; a ``-e``/``-i`` checkpoint of other upstream
+weights is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import sys
 from pathlib import Path
@@ -19,6 +25,8 @@ from torch import nn
 
 from s3prl_stimulus import CLASSES
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.identity import (EXTRA_STATE_KEY, UpstreamIdentity, checkpoint_state, runner_upstream,
+                                                 verify_checkpoint, weights_sha256)
 from s3prl_stimulus.io import write_json_atomic
 from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, soft_cross_entropy
 from s3prl_stimulus.metrics import binarize, macro_f1
@@ -32,13 +40,14 @@ from .dataset import (
 from .model import StimulusHead, check_checkpoint, layer_weights, load_checkpoint
 
 DOWNSTREAM = "emotion_stimulus"
+ALLOW_UNVERIFIED = "-o config.downstream_expert.evalrc.allow_unverified_upstream=True"
 
 
 class DownstreamExpert(nn.Module):
     def __init__(self, upstream_dim: int, upstream_rate: int, downstream_expert: dict, expdir: str, **kwargs):
         super().__init__()
         self.expdir = Path(expdir)
-        self.args = {k: kwargs.get(k) for k in ("upstream", "upstream_ckpt", "seed", "mode", "init_ckpt")}
+        self.args = {k: kwargs.get(k) for k in ("upstream", "upstream_ckpt", "seed", "mode", "init_ckpt", "upstream_trainable")}
         self.config = DataConfig.parse(downstream_expert["datarc"])
         self.evalrc = parse_evalrc(downstream_expert.get("evalrc"))
         self.clips = fold_clips(self.config)
@@ -52,14 +61,50 @@ class DownstreamExpert(nn.Module):
         # Buffers, so they are saved in checkpoints and dev-best tracking survives -a resume.
         self.register_buffer("best_dev_loss", torch.tensor(math.inf, dtype=torch.float64))
         self.register_buffer("best_dev_macro_f1", torch.tensor(-math.inf, dtype=torch.float64))
+        self.identity = self._upstream_identity()
         self.checkpoint = None  # what the outputs need of -e/-i's checkpoint: its step and layer weights
         if self.args["init_ckpt"]:
-            checkpoint = load_checkpoint(self.args["init_ckpt"])
-            check_checkpoint(checkpoint, self.args["init_ckpt"], DOWNSTREAM, self.state_dict())
-            self.checkpoint = {"step": int(checkpoint.get("Step", 0)), "layer_weights": layer_weights(checkpoint)}
+            self._check_init_checkpoint(self.args["init_ckpt"])
+        if not self.identity.verified:
+            print(f"{NOTE} WARNING: {self.identity.reason}", file=sys.stderr)
         stats = normalisation_stats(self.config, self.clips["train"], self.expdir)
         train_targets = {s: self.labels.soft_targets(self.config.train_stimulus, self.clips[s]) for s in SPLITS}
         self.datasets = {s: ClipDataset(self.config, self.clips[s], train_targets[s], stats) for s in SPLITS}
+
+    # --- upstream identity and the -e/-i checkpoint ----------------------------------------------
+
+    def _upstream_identity(self) -> UpstreamIdentity:
+        # S3PRL's Runner built the upstream but does not pass it: found on the call stack. Kept as a function,
+        # not the module: a module attribute would make the upstream's weights part of the head.
+        upstream = runner_upstream()
+        self._fingerprint_upstream = None if upstream is None else functools.partial(weights_sha256, upstream)
+        sha = None if upstream is None else self._fingerprint_upstream()
+        # Older checkpoints have no extra state; _check_init_checkpoint decides whether they may load at all.
+        self._register_load_state_dict_pre_hook(_tolerate_missing_extra_state)
+        return UpstreamIdentity.of(self.args["upstream"], self.args["upstream_ckpt"], sha)
+
+    def _check_init_checkpoint(self, path) -> None:
+        """Refuse a checkpoint of another task, head or upstream, before S3PRL's runner loads it."""
+        checkpoint = load_checkpoint(path)
+        check_checkpoint(checkpoint, path, DOWNSTREAM, self.state_dict())
+        self.identity = verify_checkpoint(self.identity, checkpoint, path, self.evalrc["allow_unverified_upstream"],
+                                          ALLOW_UNVERIFIED, "run it with the upstream it was trained on (-u/-k; "
+                                          "with -e they come from the checkpoint: restore that -k file)")
+        self.checkpoint = {"step": int(checkpoint.get("Step", 0)), "layer_weights": layer_weights(checkpoint)}
+
+    def identity_now(self) -> UpstreamIdentity:
+        """A trainable upstream (``-f``) changes as it trains, and S3PRL saves it with the head: fingerprint
+        it at each save and evaluation. A frozen one's fingerprint was taken once, in ``__init__``."""
+        if not self.args["upstream_trainable"] or self._fingerprint_upstream is None:
+            return self.identity
+        return dataclasses.replace(self.identity, weights_sha256=self._fingerprint_upstream())
+
+    def get_extra_state(self) -> dict:
+        """Saved under ``Downstream`` in every checkpoint S3PRL writes."""
+        return checkpoint_state(self.identity_now())
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to restore: ``__init__`` checked this checkpoint's identity (the runner loads the same ``init_ckpt``)."""
 
     # --- S3PRL interface ------------------------------------------------------------------------
 
@@ -137,7 +182,7 @@ class DownstreamExpert(nn.Module):
             "fold": self.config.fold, "train_stimulus": self.config.train_stimulus, "votes": self.config.votes,
             "seed": self.args["seed"], "step": step,
             "checkpoint": None if self.checkpoint is None else str(self.args["init_ckpt"]), "split": split,
-        }
+        } | {"upstream_identity": self.identity_now().record()}
 
     def _write_layer_weights(self, tag: str, step: int) -> None:
         """Featurizer layer weights of the evaluated checkpoint (read from it: the runner never passes
@@ -149,3 +194,7 @@ class DownstreamExpert(nn.Module):
         record = {k: v for k, v in self._metadata("test", step).items() if k in keys} | {"step": step, "weights": weights}
         name = "layer_weights.json" if tag == FINAL_TAG else f"layer_weights-{tag}.json"
         write_json_atomic(self.expdir / name, record)
+
+
+def _tolerate_missing_extra_state(state_dict, prefix, *args) -> None:
+    state_dict.setdefault(prefix + EXTRA_STATE_KEY, None)
