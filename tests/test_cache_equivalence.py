@@ -88,19 +88,26 @@ def launch(cwd, *args) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def init_checkpoint(path: Path, dim: int, n_hidden: int, train_clips: list) -> Path:
-    """Starting parameters both paths load: the downstream's head drawn under seed 7, random layer weights."""
+def init_checkpoint(path: Path, manifest: dict, train_clips: list) -> Path:
+    """Starting parameters both paths load: the downstream's head drawn under seed 7, random layer weights,
+    recorded as made for the cache's upstream (both paths check that before loading a head)."""
     from s3prl_stimulus.cache.head import HEAD_PREFIX, initial_head_state
+    from s3prl_stimulus.cache.manifest import upstream_identity
     from s3prl_stimulus.cache.sweep_config import load_config
+    from s3prl_stimulus.integration.identity import EXTRA_STATE_KEY, checkpoint_state
     from s3prl_stimulus.labels import binary_labels, load_votes
     from s3prl_stimulus.loss import class_balanced_weights
+
+    up = manifest["upstream"]
+    dim, n_hidden = up["dim"], up["n_hidden"] if up["weighted_sum"] else 1
 
     config = load_config()
     head = initial_head_state(SEED, dim, config["downstream_expert"]["modelrc"])
     weights = class_balanced_weights(binary_labels(load_votes("paper").subset(train_clips).counts("voice")))
     downstream = {"objective.class_weights": torch.as_tensor(weights, dtype=torch.float32),
                   **{HEAD_PREFIX + k: v for k, v in head.items()},
-                  "best_dev_loss": torch.tensor(float("inf")), "best_dev_macro_f1": torch.tensor(float("-inf"))}
+                  "best_dev_loss": torch.tensor(float("inf")), "best_dev_macro_f1": torch.tensor(float("-inf")),
+                  EXTRA_STATE_KEY: checkpoint_state(upstream_identity(manifest))}
     featurizer = {"weights": 0.1 * torch.randn(n_hidden, generator=torch.Generator().manual_seed(3))} if n_hidden > 1 else {}
     torch.save({"Featurizer": featurizer, "Downstream": downstream,
                 "Args": argparse.Namespace(downstream="emotion_stimulus")}, path)
@@ -135,8 +142,7 @@ def paths(request, corpus):
     spec = UpstreamSpec(upstream, ckpt=None if ckpt is None else str(ckpt))
     [cache_dir] = extraction.extract(root / "AudioWAV", work / "cache", spec, folds=[FOLD], clips="present", device="cpu",
                                      progress=False)
-    up = read_manifest(cache_dir)["upstream"]
-    init = init_checkpoint(work / "init.ckpt", up["dim"], up["n_hidden"] if up["weighted_sum"] else 1, train)
+    init = init_checkpoint(work / "init.ckpt", read_manifest(cache_dir), train)
     args = ["-m", "train", "-u", upstream, "-d", "emotion_stimulus", "-p", work / "s3prl", "-i", init, "--seed", SEED,
             "-o", overrides(root / "AudioWAV")]
     launch(work, *(args + (["-k", ckpt] if ckpt else [])))

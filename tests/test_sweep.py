@@ -155,7 +155,9 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     directory = run_files(tmp_path, "face", 1, 4)
     result = json.loads((directory / "results-test-dev-best.json").read_text())
     assert list(result) == ["schema", "path", "upstream", "upstream_ckpt", "fold", "train_stimulus", "votes", "seed", "step",
-                            "checkpoint", "split", "n_clips", "test_stimuli"]
+                            "checkpoint", "split", "upstream_identity", "n_clips", "test_stimuli"]
+    assert result["upstream_identity"] == {"upstream": "synthetic", "upstream_ckpt": None, "weights_sha256": "0" * 64,
+                                           "verified": True, "reason": None}
     assert (result["path"], result["fold"], result["train_stimulus"], result["seed"], result["split"]) == ("cache", 1, "face", 4, "test")
     assert result["step"] in (4, 8, 12) and list(result["test_stimuli"]) == ["voice", "face", "av", "all"]
     frame = pd.read_csv(directory / "predictions-test-dev-best.csv")

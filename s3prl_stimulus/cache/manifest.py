@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from s3prl_stimulus import __version__
 from s3prl_stimulus.cache.normalisation import Normalisation
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.identity import UpstreamIdentity
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -90,3 +91,9 @@ def manifest_key_or_none(manifest: dict) -> Optional[str]:
         return manifest_key(manifest)
     except KeyError:
         return None
+
+
+def upstream_identity(manifest: dict) -> UpstreamIdentity:
+    """The identity of the upstream whose features the cache holds (its fingerprint was taken at extraction)."""
+    return UpstreamIdentity.of(manifest["upstream"]["name"], manifest.get("upstream_ckpt"),
+                               manifest["upstream"]["weights_sha256"])

@@ -22,6 +22,7 @@ from s3prl_stimulus.cache.grid import Grid, Run
 from s3prl_stimulus.cache.head import DOWNSTREAM, run_state
 from s3prl_stimulus.cache.training import TrainResult, evaluate_split, split_loss
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.identity import EXTRA_STATE_KEY, UpstreamIdentity, checkpoint_state
 from s3prl_stimulus.results import predictions_frame, score_stimuli
 from s3prl_stimulus.results import write_evaluation as write_scored  # this module's write_evaluation scores first
 
@@ -40,6 +41,13 @@ class SweepContext:
     test_stimuli: tuple
     evalrc: dict
     feature_normalize: bool = False
+    identity: Optional[UpstreamIdentity] = None  # default: the cache's upstream, verified
+
+    def __post_init__(self):
+        if self.identity is None:
+            from s3prl_stimulus.cache.manifest import upstream_identity
+
+            self.identity = upstream_identity(self.manifest)
 
 
 def run_dir(context: SweepContext, run: Run) -> Path:
@@ -53,7 +61,7 @@ def metadata(context: SweepContext, run: Run, split: str, step: int, checkpoint:
         "schema": 1, "path": "cache", "upstream": context.manifest["upstream"]["name"],
         "upstream_ckpt": context.manifest.get("upstream_ckpt"), "fold": run.fold, "train_stimulus": run.train_stimulus,
         "votes": str(datarc["votes"]), "seed": run.seed, "step": step, "checkpoint": checkpoint, "split": split,
-    }
+    } | {"upstream_identity": context.identity.record()}
 
 
 def score_evaluation(context: SweepContext, grid: Grid, r: int, logits, split: str, step: int,
@@ -82,7 +90,8 @@ def write_evaluation(context: SweepContext, grid: Grid, r: int, logits, split: s
 def write_checkpoint(context: SweepContext, grid: Grid, best_state, r: int, step: int, best_loss: float,
                      best_f1: float) -> Path:
     """``dev-best.ckpt`` in the runner's layout (``Featurizer``, ``Downstream``, ``Step``, ``Config``, ``Args``),
-    so ``run_downstream -m evaluate -i <it>`` can evaluate a cache-trained head through S3PRL."""
+    so ``run_downstream -m evaluate -i <it>`` can evaluate a cache-trained head through S3PRL (which checks
+    the upstream identity saved with the head)."""
     import torch
 
     from s3prl_stimulus.io import atomic_path
@@ -90,7 +99,8 @@ def write_checkpoint(context: SweepContext, grid: Grid, best_state, r: int, step
     run = grid.runs[r]
     featurizer, head_state = run_state(best_state, r)
     downstream = {"objective.class_weights": grid.folds[run.fold].class_weights[run.train_stimulus].cpu().clone(),
-                  **head_state, "best_dev_loss": torch.tensor(best_loss), "best_dev_macro_f1": torch.tensor(best_f1)}
+                  **head_state, "best_dev_loss": torch.tensor(best_loss), "best_dev_macro_f1": torch.tensor(best_f1),
+                  EXTRA_STATE_KEY: checkpoint_state(context.identity)}  # where the S3PRL expert keeps its identity
     config = copy.deepcopy(context.config)
     config["downstream_expert"]["datarc"].update(fold=run.fold, train_stimulus=run.train_stimulus)
     args = argparse.Namespace(downstream=DOWNSTREAM, upstream=context.manifest["upstream"]["name"],

@@ -10,11 +10,16 @@ What differs from the S3PRL path, by design: the initial head parameters (drawn 
 permutation per epoch from ``numpy.random.default_rng([seed, fold])``) are the sweep's own, shared
 by every train stimulus of a (fold, seed) so that label sets are compared on identical draws; and the
 features are each clip's own (the S3PRL path's depend on batch mates' padding).
+
+A checkpoint's head (``--init``, ``--evaluate``) is put on the cache's features only if it records
+the cache's upstream identity (:mod:`s3prl_stimulus.integration.identity`); one that records none
+needs ``allow_unverified_upstream``, and its outputs say "upstream unverified".
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,6 +34,7 @@ from s3prl_stimulus.cache.sweep_outputs import (SweepContext, read_checkpoint, s
                                                 write_run_outputs)
 from s3prl_stimulus.cache.training import evaluate_split, train
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.identity import UpstreamIdentity, verify_checkpoint
 from s3prl_stimulus.results import write_evaluation as write_scored  # the name sweep_outputs gives it
 
 
@@ -44,6 +50,7 @@ class Prepared:
     manifest: dict
     chosen: dict  # fold -> cache path
     keys: dict  # fold -> cache key
+    identity: UpstreamIdentity  # of the caches' upstream; unverified once an unverified checkpoint's head is loaded
 
 
 def prepare(cache_paths, runs_spec, config, override, test_stimuli, votes, device, feature_normalize,
@@ -52,6 +59,7 @@ def prepare(cache_paths, runs_spec, config, override, test_stimuli, votes, devic
 
     ``training=False`` (scoring a checkpoint) skips the runner/optimizer checks, which only training needs.
     """
+    from s3prl_stimulus.cache.manifest import upstream_identity
     from s3prl_stimulus.cache.store import check_complete, load_cache
     from s3prl_stimulus.cache.upstream import check_device, default_device
     from s3prl_stimulus.downstream.emotion_stimulus.dataset import parse_evalrc
@@ -83,17 +91,33 @@ def prepare(cache_paths, runs_spec, config, override, test_stimuli, votes, devic
     up = first.manifest["upstream"]
     head = make_batched_head(len(runs), up["n_hidden"], first.weighted_sum, up["dim"], projector_dim, len(CLASSES)).to(device)
     return Prepared(config, datarc, evalrc, test_stimuli, runs, grid, head, first.manifest, chosen,
-                    {k: manifests[p]["key"] for k, p in chosen.items()})
+                    {k: manifests[p]["key"] for k, p in chosen.items()}, upstream_identity(first.manifest))
 
 
-def initialise(prepared: Prepared, init: Optional[str]) -> None:
-    """Each run's starting parameters: an S3PRL checkpoint's head (``init``, like S3PRL's ``-i``), or the
-    downstream's head class drawn under ``torch.manual_seed(seed)`` with zero layer weights (S3PRL's init)."""
+ALLOW_UNVERIFIED = "--allow-unverified-upstream"
+
+
+def check_checkpoint_upstream(prepared: Prepared, checkpoint: dict, path, allow_unverified: bool, option: str) -> None:
+    """Refuse a checkpoint trained on other upstream weights than the caches'; mark ``prepared`` unverified when
+    the checkpoint records no identity and ``allow_unverified`` (or the config's evalrc) accepts that."""
+    allow = allow_unverified or prepared.evalrc["allow_unverified_upstream"]
+    fix = (f"pass --cache a cache extracted with the checkpoint's upstream (`s3prl-stimulus extract` with its -u/-k), "
+           f"or {option} a checkpoint trained on this cache's upstream")
+    prepared.identity = verify_checkpoint(prepared.identity, checkpoint, path, allow, ALLOW_UNVERIFIED, fix)
+    if not prepared.identity.verified:
+        print(f"[sweep] WARNING: {prepared.identity.reason}", file=sys.stderr)
+
+
+def initialise(prepared: Prepared, init: Optional[str], allow_unverified_upstream: bool = False) -> None:
+    """Each run's starting parameters: an S3PRL checkpoint's head (``init``, like S3PRL's ``-i``, of the caches'
+    upstream), or the downstream's head class drawn under ``torch.manual_seed(seed)`` with zero layer weights
+    (S3PRL's init)."""
     import torch
 
     up = prepared.manifest["upstream"]
     if init:
         checkpoint = read_checkpoint(init)
+        check_checkpoint_upstream(prepared, checkpoint, init, allow_unverified_upstream, "--init")
         for r in range(len(prepared.runs)):
             load_run_state(prepared.head, r, checkpoint.get("Featurizer"), checkpoint["Downstream"])
         return
@@ -107,7 +131,8 @@ def initialise(prepared: Prepared, init: Optional[str]) -> None:
 def sweep(cache_paths: Sequence, out, train_stimuli=STIMULI, folds=(1, 2, 3, 4, 5), seeds=(1337,),
           test_stimuli=None, config=None, override: Optional[str] = None, device: Optional[str] = None,
           feature_normalize: bool = False, votes: Optional[str] = None, all_steps: bool = False,
-          name: Optional[str] = None, init: Optional[str] = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+          name: Optional[str] = None, init: Optional[str] = None, progress: bool = True,
+          allow_unverified_upstream: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every (train stimulus, fold, seed) from the caches, cross-test each on ``test_stimuli``.
 
     Writes ``<out>/<upstream>/<train_stimulus>/fold<k>/seed<s>/`` per run and ``summary.csv``,
@@ -117,12 +142,12 @@ def sweep(cache_paths: Sequence, out, train_stimuli=STIMULI, folds=(1, 2, 3, 4, 
 
     prepared = prepare(cache_paths, (train_stimuli, folds, seeds), config, override, test_stimuli, votes, device,
                        feature_normalize)
-    initialise(prepared, init)
+    initialise(prepared, init, allow_unverified_upstream)
     result = train(prepared.head, prepared.grid, prepared.config, progress=progress, keep_steps=all_steps)
     upstream = prepared.manifest["upstream"]["name"]
     directory_name = name or prepared.manifest.get("name") or upstream
     context = SweepContext(Path(out), directory_name, prepared.manifest, prepared.config, prepared.test_stimuli,
-                           prepared.evalrc, feature_normalize)
+                           prepared.evalrc, feature_normalize, prepared.identity)
     rows = write_run_outputs(context, prepared.grid, result)
     if not rows:
         raise StimulusError("no run reached a dev-best checkpoint: check the cache for non-finite features")
@@ -135,15 +160,17 @@ def sweep(cache_paths: Sequence, out, train_stimuli=STIMULI, folds=(1, 2, 3, 4, 
         "cache_keys": {str(k): v for k, v in prepared.keys.items()}, "runs": [run.name for run in prepared.runs],
         "test_stimuli": list(prepared.test_stimuli), "feature_normalize": feature_normalize, "init": init,
         "device": str(prepared.grid.features.device), "config": prepared.config,
+        "upstream_identity": prepared.identity.record(),
     })
     return long, table
 
 
 def evaluate_checkpoint(cache_paths: Sequence, checkpoint, split: str = "test", out=None, device: Optional[str] = None,
-                        test_stimuli=None) -> tuple[pd.DataFrame, dict]:
+                        test_stimuli=None, allow_unverified_upstream: bool = False) -> tuple[pd.DataFrame, dict]:
     """Score an S3PRL-path checkpoint from the cache, as ``run_downstream -m evaluate -e CKPT`` does.
 
-    Fold, training stimulus, votes and the rest come from the checkpoint's own ``Config``/``Args``.
+    Fold, training stimulus, votes and the rest come from the checkpoint's own ``Config``/``Args``; its upstream
+    identity must be the cache's (one that records none needs ``allow_unverified_upstream``).
     Returns the predictions frame and the results dict; with ``out``, also writes
     ``predictions-<split>-<stem>.csv`` / ``results-<split>-<stem>.json`` there (``"path": "cache"``).
     """
@@ -158,14 +185,15 @@ def evaluate_checkpoint(cache_paths: Sequence, checkpoint, split: str = "test", 
     feature_normalize = bool(getattr(args, "upstream_feature_normalize", False))
     runs_spec = ([datarc["train_stimulus"]], [datarc["fold"]], [int(getattr(args, "seed", 0) or 0)])
     prepared = prepare(cache_paths, runs_spec, config, None, test_stimuli, None, device, feature_normalize, training=False)
+    check_checkpoint_upstream(prepared, saved, checkpoint, allow_unverified_upstream, "--evaluate")
     cache_upstream = prepared.manifest["upstream"]["name"]
-    if getattr(args, "upstream", cache_upstream) != cache_upstream:
+    if getattr(args, "upstream", cache_upstream) != cache_upstream:  # for checkpoints accepted unverified
         raise StimulusError(f"checkpoint {checkpoint} was trained on upstream {args.upstream}, the cache holds "
                             f"{cache_upstream}: pass that upstream's cache")
     load_run_state(prepared.head, 0, saved.get("Featurizer"), saved["Downstream"])
     logits = evaluate_split(prepared.head, prepared.grid, split).logits[0]
     context = SweepContext(Path(out) if out else Path("."), "", prepared.manifest, prepared.config, prepared.test_stimuli,
-                           prepared.evalrc, feature_normalize)
+                           prepared.evalrc, feature_normalize, prepared.identity)
     tag, step = Path(checkpoint).stem, int(saved.get("Step", 0))
     frame, result = score_evaluation(context, prepared.grid, 0, logits, split, step, str(checkpoint))
     if out:

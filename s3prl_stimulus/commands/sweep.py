@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluate", metavar="CKPT",
                         help="instead of training: score an S3PRL-path checkpoint from the cache (like -m evaluate -e)")
     parser.add_argument("--split", choices=("dev", "test"), default="test", help="split for --evaluate (default test)")
+    parser.add_argument("--allow-unverified-upstream", action="store_true",
+                        help="accept an --evaluate/--init checkpoint that records no upstream identity (older versions, "
+                             "other code); its results say \"upstream unverified\". A checkpoint of other upstream "
+                             "weights is refused regardless")
     parser.add_argument("--all-steps", action="store_true",
                         help="also write predictions/results for every evaluation step (slow: bootstrap CIs each time)")
     parser.add_argument("--name", help="directory name for the upstream under --out (default: the cache's upstream)")
@@ -47,16 +51,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.evaluate:
         _, result = evaluate_checkpoint(args.cache, args.evaluate, split=args.split, out=args.out, device=args.device,
-                                        test_stimuli=args.test_stimuli)
+                                        test_stimuli=args.test_stimuli,
+                                        allow_unverified_upstream=args.allow_unverified_upstream)
         scores = {s: v["macro_f1"] for s, v in result["test_stimuli"].items()}
         print(f"{args.evaluate} ({result['split']}, from the cache): macro-F1 " +
-              ", ".join(f"{s} {f:.4f}" for s, f in scores.items()))
+              ", ".join(f"{s} {f:.4f}" for s, f in scores.items()) + _unverified_note(result))
         return 0
     long, grid = sweep(args.cache, args.out, train_stimuli=args.train_stimuli, folds=args.folds, seeds=args.seeds,
                        test_stimuli=args.test_stimuli, config=args.config, override=args.override, device=args.device,
                        feature_normalize=args.upstream_feature_normalize, votes=args.votes, all_steps=args.all_steps,
-                       name=args.name, init=args.init, progress=not args.no_progress)
+                       name=args.name, init=args.init, progress=not args.no_progress,
+                       allow_unverified_upstream=args.allow_unverified_upstream)
     n_runs = len(long[["train_stimulus", "fold", "seed"]].drop_duplicates())
     print(f"{n_runs} runs written under {args.out}; macro-F1 (test, dev-best), mean over folds, ± std over seeds:")
     print(render(grid_table(grid), args.format, json_obj=grid.to_dict(orient="records")))
     return 0
+
+
+def _unverified_note(result: dict) -> str:
+    identity = result["upstream_identity"]
+    return "" if identity["verified"] else f" ({identity['reason']})"
