@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,20 @@ def select_clips(audio_dir, clips) -> list[str]:
                             "list names such as 1001_DFA_ANG_XX, one per line")
     if not chosen:
         raise StimulusError(f"no clips to extract from {audio_dir} (--clips {clips})")
-    return sorted(dict.fromkeys(chosen))
+    chosen = sorted(dict.fromkeys(chosen))
+    _warn_left_out(clips, len(chosen), len(known))
+    return chosen
+
+
+def _warn_left_out(clips, n_chosen: int, n_known: int) -> None:
+    """As the downstream warns for ``datarc.clips``: a cache of part of the corpus gives runs that are
+    not comparable with the full corpus (their results JSONs say ``complete: false``)."""
+    if n_chosen == n_known:
+        return
+    given = clips if isinstance(clips, (str, os.PathLike)) else f"a list of {n_chosen}"
+    print(f"[extract] WARNING: --clips {given}: encoding {n_chosen} of {n_known} CREMA-D clips; "
+          f"{n_known - n_chosen} clips LEFT OUT: results from this cache are not comparable with the full corpus",
+          file=sys.stderr)
 
 
 def scan_clips(audio_dir, clips) -> dict:
