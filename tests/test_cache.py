@@ -249,3 +249,11 @@ def test_extract_warns_like_the_downstream_when_clips_are_left_out(fbank_out, tm
     assert f"--clips {listing}: encoding 5 of 7442 CREMA-D clips; 7437 clips LEFT OUT" in capsys.readouterr().err
     extraction.select_clips(audio_dir, chosen[:3])
     assert "--clips a list of 3: encoding 3 of 7442" in capsys.readouterr().err
+
+
+def test_extract_warns_when_k_goes_to_an_entry_that_drops_it(fbank_out, capsys):
+    audio_dir, out, _ = fbank_out
+    extraction.extract(audio_dir, out, UpstreamSpec("fbank", ckpt="/models/unused.pt"), normalisation="none",
+                       clips="present", device="cpu", progress=False)
+    assert ("[extract] WARNING: -k /models/unused.pt is ignored: fbank is computed from the waveform and has no "
+            "weights; drop -k") in capsys.readouterr().err

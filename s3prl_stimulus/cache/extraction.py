@@ -26,6 +26,7 @@ from s3prl_stimulus.cache.store import (CHUNKS, COMPLETE, _disk_error, _remove_s
 from s3prl_stimulus.cache.upstream import (DTYPES, UpstreamSpec, build_upstream, check_device, default_device,
                                            encode_batch, upstream_fields)
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.hub_entries import ignored_ckpt
 from s3prl_stimulus.io import write_json_atomic
 
 PREFETCH = 4  # batches of audio read ahead by two threads
@@ -181,6 +182,9 @@ def extract(audio_dir, out, spec: UpstreamSpec, normalisation: str = "train_mean
     the same arguments resumes; a directory made with other settings is refused.
     """
     fold_list = _check_options(dtype, normalisation, folds, chunk_clips, batch_clips)
+    ignored = ignored_ckpt(spec.name, spec.ckpt)
+    if ignored:  # as the launcher warns: S3PRL would build this upstream from its own download
+        print(f"[extract] WARNING: {ignored}", file=sys.stderr)
     device = check_device(device or default_device())
     frames = scan_clips(audio_dir, clips)
     order, samples = sorted_by_length(frames)
