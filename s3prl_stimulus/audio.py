@@ -7,8 +7,11 @@ wrong folder or a broken download, and a silent resample would change the featur
 
 - :func:`read_clip`: one clip as float32 in [-1, 1] (soundfile's scaling of 16-bit PCM, the same
   as librosa's, which the authors' EMO-SUPERB code used).
+- :func:`truncation`: whether a WAV's data chunk declares more bytes than the file holds. Both
+  libsndfile and the standard library silently read such a file as a shorter clip, so every
+  reader here (and ``verify``) refuses it instead.
 - :func:`scan_corpus`: reads only WAV headers, so checking all 7,442 clips takes about a second;
-  the :class:`ScanReport` lists every missing, unreadable, empty, stereo, wrong-rate or
+  the :class:`ScanReport` lists every missing, unreadable, empty, truncated, stereo, wrong-rate or
   wrong-format file with counts, before any training starts.
 - :func:`check_corpus_dir`: a directory that holds no file named like a CREMA-D clip.
 - :func:`waveform_stats`: mean and standard deviation of every sample of a set of clips in one
@@ -44,8 +47,9 @@ CLIP_NAME = re.compile(r"^\d{4}_[A-Z]{3}_[A-Z]{3}_[A-Z0-9]{2}$")
 
 GET_CREMA_D = "get CREMA-D's AudioWAV folder with `s3prl-stimulus download --to DIR`"
 CONVERT = "convert with `ffmpeg -i IN -ar 16000 -ac 1 -c:a pcm_s16le OUT.wav` or download CREMA-D again"
+REFETCH = "download again with `s3prl-stimulus download --to DIR` (it replaces files of the wrong size)"
 
-PROBLEMS = ("missing", "unreadable", "empty", "stereo", "wrong_rate", "wrong_format")
+PROBLEMS = ("missing", "unreadable", "empty", "truncated", "stereo", "wrong_rate", "wrong_format")
 """Kinds of bad file :func:`scan_corpus` reports, in reporting order."""
 
 
@@ -75,11 +79,44 @@ def _describe(info) -> str:
     return f"{info.format}/{info.subtype}, {info.channels} channel(s), {info.samplerate} Hz, {info.frames} samples"
 
 
+def truncation(path: str | os.PathLike) -> str | None:
+    """What is cut off when ``path`` is a RIFF/WAVE file whose ``data`` chunk declares more bytes than
+    follow it in the file (a partial copy or download with its header intact); None otherwise.
+
+    Files that are not RIFF/WAVE, or have no data chunk, are left to the readers, which say what they are.
+    """
+    with open(path, "rb") as raw:
+        return _truncation(raw)
+
+
+def _truncation(raw) -> str | None:
+    """:func:`truncation` of an open binary file (read from its start)."""
+    size = os.fstat(raw.fileno()).st_size
+    raw.seek(0)
+    if raw.read(12)[8:12] != b"WAVE":
+        return None
+    offset = 12
+    while offset + 8 <= size:
+        raw.seek(offset)
+        header = raw.read(8)
+        declared = int.from_bytes(header[4:8], "little")
+        if header[:4] == b"data":
+            held = size - offset - 8
+            return None if declared <= held else f"its data chunk declares {declared} bytes of samples but the file holds {held}"
+        offset += 8 + declared + (declared & 1)  # RIFF chunks are padded to an even size
+    return None
+
+
+def _truncated_error(path, problem: str) -> StimulusError:
+    return StimulusError(f"audio file {path} is truncated ({problem}): {REFETCH}, or leave the clip out "
+                         "with a clip list (datarc.clips / --clips FILE)")
+
+
 def read_clip(path: str | os.PathLike) -> np.ndarray:
     """Samples of a 16 kHz mono 16-bit PCM WAV as a 1-D float32 array in [-1, 1].
 
-    Any other file (missing, unreadable, empty, several channels, another rate or encoding) is a
-    :class:`StimulusError` naming the file and the fix.
+    Any other file (missing, unreadable, empty, truncated, several channels, another rate or
+    encoding) is a :class:`StimulusError` naming the file and the fix.
     """
     path = Path(path)
     if not path.is_file():
@@ -95,9 +132,16 @@ def read_clip(path: str | os.PathLike) -> np.ndarray:
 
 def _read_plain_pcm16(path: Path) -> np.ndarray | None:
     """The expected format through the standard library's ``wave`` (~2.5x faster than libsndfile per
-    clip, which matters on S3PRL's training hot path); None for anything else, left to soundfile."""
+    clip, which matters on S3PRL's training hot path); None for anything else, left to soundfile.
+
+    A truncated file of any format is refused here, on the handle already open (cheaper than a second open).
+    """
     try:
         with open(path, "rb") as raw:
+            problem = _truncation(raw)
+            if problem:
+                raise _truncated_error(path, problem)
+            raw.seek(0)
             header = raw.read(22)
             # Plain PCM only (format tag 1 in the leading fmt chunk), the one layout the corpus check
             # accepts; newer Pythons' wave also reads WAVE_FORMAT_EXTENSIBLE, which it refuses.
@@ -161,7 +205,9 @@ class ScanReport:
         if self.ok:
             return
         fixes = [f"missing files: {missing_fix}"] if self.problems["missing"] else []
-        if any(clips for kind, clips in self.problems.items() if kind != "missing"):
+        if self.problems["truncated"]:
+            fixes.append(f"truncated files: {REFETCH}")
+        if any(clips for kind, clips in self.problems.items() if kind not in ("missing", "truncated")):
             fixes.append(f"other files: expected 16 kHz mono 16-bit PCM WAV, {CONVERT}")
         raise StimulusError(f"{self.summary()}; {'; '.join(fixes)}")
 
@@ -184,6 +230,9 @@ def scan_corpus(audio_dir: str | os.PathLike, clips: Iterable[str]) -> ScanRepor
             info = sf.info(str(path))
         except (sf.SoundFileError, RuntimeError):
             report.problems["unreadable"].append(clip)
+            continue
+        if truncation(path):  # libsndfile reports the frames present, as if the clip were shorter
+            report.problems["truncated"].append(clip)
             continue
         problems = _format_problems(info)
         for kind in problems:

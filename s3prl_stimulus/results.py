@@ -2,8 +2,9 @@
 
 ``predictions-<split>-<tag>.csv`` holds ``clip, speaker``, the six softmax probabilities and, for each
 test stimulus, its binary labels; ``results-<split>-<tag>.json`` holds, per test stimulus, corpus-level
-macro-F1 with its bootstrap interval, per-class F1, loss and clip count. The S3PRL downstream and the
-feature-cache sweep both build them here, so their files are identical in form.
+macro-F1 with its bootstrap interval, per-class F1, loss and clip count, and (:func:`coverage`) whether the
+run used the whole EMO-SUPERB partition. The S3PRL downstream and the feature-cache sweep both build them
+here, so their files are identical in form.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 from s3prl_stimulus import CLASSES, metrics
 from s3prl_stimulus.io import write_csv_atomic, write_json_atomic
 from s3prl_stimulus.labels import FoldLabels
-from s3prl_stimulus.partition import speakers_of
+from s3prl_stimulus.partition import speakers_of, split_clips
 
 FINAL_TAG = "dev-best"
 """A run's reportable evaluation: its dev-best checkpoint on the test split."""
@@ -38,6 +39,18 @@ def write_evaluation(expdir: str | Path, split: str, tag: str, frame: pd.DataFra
     """Both files of one evaluation, each written atomically."""
     write_csv_atomic(Path(expdir) / predictions_name(split, tag), frame)
     write_json_atomic(Path(expdir) / results_name(split, tag), result)
+
+
+def coverage(fold: int, split: str, scored, trained) -> dict:
+    """``partition_clips``: how many clips ``split`` has in the fold's full EMO-SUPERB partition;
+    ``complete``: whether this run scored every one of them and trained on every training clip of the fold.
+
+    A run on part of the corpus (``datarc.clips``, ``--clips``) gets ``complete: false``, so a score that
+    is not comparable with the full corpus says so wherever it is read.
+    """
+    partition = split_clips(fold, split)
+    complete = set(scored) >= set(partition) and set(trained) >= set(split_clips(fold, "train"))
+    return {"partition_clips": len(partition), "complete": bool(complete)}
 
 
 def predictions_frame(clips: list, probs: np.ndarray, fold_labels: FoldLabels, test_stimuli) -> pd.DataFrame:

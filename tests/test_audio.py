@@ -140,3 +140,44 @@ def test_read_clip_list(tmp_path):
     assert audio.read_clip_list(listing) == ["1001_DFA_ANG_XX", "1001_DFA_DIS_XX"]
     with pytest.raises(StimulusError, match="datarc.clips=.*nowhere.txt is neither all, present nor a clip-list file"):
         audio.read_clip_list(tmp_path / "nowhere.txt", option="datarc.clips")
+
+
+def half_of(path: Path) -> Path:
+    """``path`` cut to half its bytes, header unchanged: what an interrupted copy leaves."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_wav_is_refused_by_every_path_that_reads_clips(corpus, tmp_path):
+    from types import SimpleNamespace
+
+    from s3prl_stimulus.cache.extraction import scan_clips
+    from s3prl_stimulus.downstream.emotion_stimulus.dataset import check_audio
+    from s3prl_stimulus.study.corpus import check_clip
+
+    cut = half_of(corpus / f"{GOOD[1]}.wav")
+    size = cut.stat().st_size
+    with pytest.raises(StimulusError) as error:
+        audio.read_clip(cut)  # libsndfile and wave alike would return the first half as a shorter clip
+    message = str(error.value)
+    assert GOOD[1] in message and "truncated" in message and "s3prl-stimulus download" in message and "\n" not in message
+    declared, held = 2 * (1600 + 37), size - 44  # sf.write: 44-byte header, then the data chunk
+    assert f"its data chunk declares {declared} bytes of samples but the file holds {held}" in message
+    assert audio.truncation(corpus / f"{GOOD[0]}.wav") is None
+    with pytest.raises(StimulusError, match=f"{GOOD[1]}.wav is truncated"):
+        audio.waveform_stats([corpus / f"{c}.wav" for c in GOOD])
+    report = audio.scan_corpus(corpus, GOOD)
+    assert report.counts() == {"truncated": 1} and report.problems["truncated"] == [GOOD[1]]
+    assert set(report.frames) == {GOOD[0], GOOD[2]}
+    with pytest.raises(StimulusError, match=rf"1 truncated \(e.g. {GOOD[1]}.wav\).*truncated files: download again"):
+        report.raise_if_bad()
+    with pytest.raises(StimulusError, match=rf"1 of 3 clips .* 1 truncated \(e.g. {GOOD[1]}.wav\)"):
+        check_audio(SimpleNamespace(audio_dir=corpus), {"train": GOOD, "dev": [], "test": []})  # the downstream
+    listing = tmp_path / "clips.txt"
+    listing.write_text("\n".join(GOOD))
+    with pytest.raises(StimulusError, match=rf"1 truncated \(e.g. {GOOD[1]}.wav\)"):
+        scan_clips(corpus, str(listing))  # extract
+    # verify, even where the manifest's size is the cut file's: the header says more was there
+    check = check_clip(corpus, GOOD[1], size, "0" * 64)
+    assert (check.status, check.detail) == ("truncated", audio.truncation(cut)) and audio.truncation(cut) in message

@@ -234,3 +234,26 @@ def test_extract_cli_writes_caches_and_reports_errors_in_one_line(fbank_out, cap
     assert loaded.normalisation.kind == "none" and loaded.means.shape == (12, 1, 240) and loaded.manifest["name"] == "plain-fbank"
     assert main(base + ["-u", "fbank", "--max-seconds", "ten"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --max-seconds 'ten'")
+
+
+def test_extract_warns_like_the_downstream_when_clips_are_left_out(fbank_out, tmp_path, capsys):
+    audio_dir, _, _ = fbank_out
+    chosen = extraction.select_clips(audio_dir, "present")
+    warning = capsys.readouterr().err
+    assert len(chosen) == 12
+    assert "[extract] WARNING: --clips present: encoding 12 of 7442 CREMA-D clips; 7430 clips LEFT OUT" in warning
+    assert "not comparable with the full corpus" in warning
+    listing = tmp_path / "clips.txt"
+    listing.write_text("\n".join(chosen[:5]))
+    assert extraction.select_clips(audio_dir, str(listing)) == chosen[:5]
+    assert f"--clips {listing}: encoding 5 of 7442 CREMA-D clips; 7437 clips LEFT OUT" in capsys.readouterr().err
+    extraction.select_clips(audio_dir, chosen[:3])
+    assert "--clips a list of 3: encoding 3 of 7442" in capsys.readouterr().err
+
+
+def test_extract_warns_when_k_goes_to_an_entry_that_drops_it(fbank_out, capsys):
+    audio_dir, out, _ = fbank_out
+    extraction.extract(audio_dir, out, UpstreamSpec("fbank", ckpt="/models/unused.pt"), normalisation="none",
+                       clips="present", device="cpu", progress=False)
+    assert ("[extract] WARNING: -k /models/unused.pt is ignored: fbank is computed from the waveform and has no "
+            "weights; drop -k") in capsys.readouterr().err

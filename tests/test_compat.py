@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 
@@ -174,6 +175,62 @@ def test_torchrun_rank_is_passed_to_s3prl():
     single = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
     argv, notes = resolve_arguments(["-m", "train"], environ=single, cuda_available=False)
     assert "--local_rank" not in argv and "without DDP" in notes[-1]
+
+
+def test_launcher_warns_when_k_goes_to_an_entry_that_drops_it():
+    def warnings(*argv):
+        given = ["-m", "train", "-d", "emotion_stimulus", *argv]
+        resolved, notes = resolve_arguments(given, environ={}, cuda_available=True)
+        assert resolved[:len(given)] == given  # a warning, never a rewrite: S3PRL gets the user's command
+        return [n for n in notes if n.startswith("WARNING")]
+
+    [large] = warnings("-u", "wavlm_large", "-k", "/models/wavlm.pt")
+    assert large == ("WARNING: -k /models/wavlm.pt is ignored: S3PRL's wavlm_large always loads its own download "
+                     "(wavlm_large replaces -k with its URL); to use the file, run -u wavlm_local -k /models/wavlm.pt")
+    [cpc] = warnings("--upstream", "modified_cpc", "--upstream_ckpt", "/m/cpc.pt")
+    assert cpc.endswith("run -u cpc_local -k /m/cpc.pt")
+    [fbank] = warnings("-u", "fbank", "-k", "/m/x.pt")
+    assert "fbank is computed from the waveform and has no weights; drop -k" in fbank
+    assert warnings("-u", "wavlm_local", "-k", "/m/x.pt") == warnings("-u", "wavlm_large") == []
+
+
+def test_each_paper_upstream_drops_k_and_its_local_entry_loads_the_same_model(prepared, monkeypatch, tmp_path):
+    """Against the installed S3PRL: with -k given, each entry still fetches its own URL; the file that fetch
+    yields is loaded by the same upstream expert as the table's local entry loads -k with. Nothing is downloaded:
+    the fetch writes an empty file into a temporary S3PRL cache, so both loaders fail on it where they read it."""
+    import traceback
+
+    import s3prl.util.download as download
+
+    from s3prl_stimulus.integration.hub_entries import LOCAL_ENTRY, WAVEFORM_FEATURES
+
+    hub = importlib.import_module("s3prl.hub")
+    fetched = []
+
+    def fake_download(filepath, url, *args, **kwargs):
+        fetched.append(url)
+        Path(filepath).write_bytes(b"")
+
+    monkeypatch.setattr(download, "_download_dir", tmp_path / "s3prl-cache")
+    monkeypatch.setattr(download, "_download", fake_download)
+    given = tmp_path / "given.pt"
+    given.write_bytes(b"")
+
+    def loader(entry: str) -> str:
+        """The upstream expert whose __init__ read (and failed on) the empty checkpoint."""
+        with pytest.raises(Exception) as error:
+            getattr(hub, entry)(ckpt=str(given))
+        frames = [f for f in traceback.extract_tb(error.value.__traceback__)
+                  if "/s3prl/upstream/" in f.filename and f.filename.endswith("expert.py") and f.name == "__init__"]
+        return Path(frames[0].filename).parent.name
+
+    for name, local in LOCAL_ENTRY.items():
+        fetched.clear()
+        named = loader(name)
+        assert len(fetched) == 1 and fetched[0].startswith("https://"), name  # -k dropped: its own URL instead
+        assert loader(local) == named and len(fetched) == 1, name  # the local entry reads -k, fetches nothing
+    for name in WAVEFORM_FEATURES:
+        assert getattr(hub, name)(ckpt=str(tmp_path / "absent.pt")) is not None  # builds: -k unused
 
 
 def test_help_is_passed_through_untouched():

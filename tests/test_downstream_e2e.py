@@ -114,6 +114,8 @@ def test_training_evaluates_dev_and_test_at_every_eval_step(fbank, workspace):
                 "schema": 1, "path": "s3prl", "upstream": "fbank", "fold": FOLD, "train_stimulus": "voice",
                 "votes": "paper", "seed": 1337, "step": step, "checkpoint": None, "split": split, "n_clips": CLIPS_PER_SPLIT}
             assert list(result["test_stimuli"]) == list(STIMULI)
+            # clips=present on 10 clips per split: the JSON says how many the partition has, and that this is not all
+            assert (result["partition_clips"], result["complete"]) == (len(partition.split_clips(FOLD, split)), False)
     assert list(expdir.glob("events.out.tfevents.*")), "no TensorBoard scalars"
     assert "WARNING: datarc.clips=present" in run["train"].stderr and "LEFT OUT" in run["train"].stderr
     # The paper's normalisation statistics: every sample of the fold's training clips.

@@ -45,3 +45,13 @@ def test_unknown_split_and_clip():
         split_clips(1, "validation")
     with pytest.raises(StimulusError, match="not a CREMA-D clip"):
         speakers_of(["nope"])
+
+
+def test_a_run_is_complete_only_with_every_clip_of_its_split_and_every_training_clip():
+    from s3prl_stimulus.results import coverage
+
+    test, train = split_clips(3, "test"), split_clips(3, "train")
+    assert coverage(3, "test", test, train) == {"partition_clips": 1476, "complete": True}
+    assert coverage(3, "test", test[1:], train) == {"partition_clips": 1476, "complete": False}
+    assert coverage(3, "test", test, train[:-1]) == {"partition_clips": 1476, "complete": False}  # trained on less
+    assert coverage(3, "dev", split_clips(3, "dev"), train)["partition_clips"] == len(split_clips(3, "dev"))

@@ -59,6 +59,37 @@ def test_upstream_entries_name_a_checkpoint_and_a_label(tmp_path):
         recipe.read_upstreams("wavlm-large")
 
 
+PAPER_LOCAL_ENTRIES = {  # read from S3PRL 0.4.18's hubconf files (test_compat checks them against S3PRL itself)
+    "wavlm_large": "wavlm_local", "xls_r_1b": "wav2vec2_local", "wav2vec2_large_ll60k": "wav2vec2_local",
+    "wav2vec2_large_lv60_cv_swbd_fsh": "wav2vec2_local", "hubert_large_ll60k": "hubert_local",
+    "data2vec_large_ll60k": "data2vec_local", "decoar2": "decoar2_local", "wav2vec": "wav2vec_local",
+    "apc": "apc_local", "vq_apc": "apc_local", "tera": "tera_local", "mockingjay": "mockingjay_local",
+    "npc": "npc_local", "modified_cpc": "cpc_local",
+}
+
+
+def test_a_paper_upstream_with_a_local_file_runs_as_the_entry_that_reads_it(tmp_path):
+    assert set(PAPER_LOCAL_ENTRIES) | {"fbank"} == set(recipe.PAPER_UPSTREAMS)
+    for name, local in PAPER_LOCAL_ENTRIES.items():
+        upstream = recipe.parse_upstream(f"{name}:/models/{name}.pt")
+        assert (upstream.name, upstream.ckpt, upstream.label) == (local, f"/models/{name}.pt", name)
+        assert recipe.parse_upstream(name) == Upstream(name)  # without a file: S3PRL's own download
+    assert recipe.parse_upstream("mine=vq_apc:/m/v.pt") == Upstream("apc_local", "/m/v.pt", "mine")
+    settings = settings_for(tmp_path, upstreams=("xls_r_1b:/models/xlsr.pt",))
+    assert Settings.from_json(json.loads(json.dumps(settings.to_json()))) == settings  # a resumed recipe too
+    run = recipe.plan_runs(settings)[0]
+    train = recipe.s3prl_train_command(settings, run, resume=False)
+    assert train[train.index("-u") + 1:train.index("-u") + 4] == ["wav2vec2_local", "-k", "/models/xlsr.pt"]
+    assert recipe.run_dir(settings, run) == tmp_path / "s3prl" / "xls_r_1b" / "voice" / "fold1" / "seed1337"
+    extract = recipe.extract_command(settings, run.upstream, [1])
+    assert extract[extract.index("-u") + 1:extract.index("-u") + 6] == ["wav2vec2_local", "-k", "/models/xlsr.pt",
+                                                                        "--name", "xls_r_1b"]
+    with pytest.raises(StimulusError, match="S3PRL's wavlm_large ignores a checkpoint URL.*list wavlm_large alone"):
+        recipe.parse_upstream("wavlm_large:https://host/w.pt")
+    with pytest.raises(StimulusError, match="fbank is computed from the waveform and takes no checkpoint"):
+        recipe.parse_upstream("fbank:/models/f.pt")
+
+
 def test_the_grids_own_options_cannot_be_overridden():
     assert recipe.check_override(" config.runner.total_steps=2 ,,config.optimizer.lr=1e-3") == \
         "config.runner.total_steps=2,,config.optimizer.lr=1e-3"
@@ -388,21 +419,29 @@ def test_preflight_names_missing_weights_when_offline_without_downloading(tmp_pa
         def no_weights():
             return object()
 
+        @staticmethod
+        def vq_apc():
+            download._urls_to_filepaths(url.replace("wavlm_large", "vq_apc"))
+
         wavlm_local = staticmethod(lambda ckpt: object())
 
     (tmp_path / "tiny.pt").write_bytes(b"x")
     upstreams = recipe.read_upstreams(f"fbank,wavlm_large,no_weights,wavlm_local:{tmp_path / 'tiny.pt'},"
-                                      f"b=wavlm_local:{tmp_path / 'absent.pt'},hubert_local")
+                                      f"b=wavlm_local:{tmp_path / 'absent.pt'},hubert_local,vq_apc,"
+                                      f"mine=wavlm_large:{tmp_path / 'tiny.pt'}")
     asked = []
     checks = recipe.preflight(upstreams, hub=Hub, connect=lambda u: asked.append(u) or False)
     verdicts = {c.upstream.label: c for c in checks}
     assert [c.upstream.label for c in checks] == [u.label for u in upstreams]
     assert verdicts["fbank"].ok and verdicts["no_weights"].ok and verdicts["wavlm_local"].ok
+    # wavlm_large with a file: checked as the file S3PRL's wavlm_local will read (wavlm_large would drop it)
+    assert verdicts["mine"].ok and verdicts["mine"].message.endswith("tiny.pt, read by S3PRL's wavlm_local")
+    assert "vq_apc:/path/to/model.pt (run as S3PRL's apc_local:/path/to/model.pt)" in verdicts["vq_apc"].message
     offline = verdicts["wavlm_large"]
-    assert not offline.ok and asked == [url]
+    assert not offline.ok and asked == [url, url.replace("wavlm_large", "vq_apc")]
     cached = tmp_path / "s3prl-cache" / f"{hashlib.sha256(url.encode()).hexdigest()}.wavlm_large.pt"
     assert url in offline.message and str(cached) in offline.message and "cannot be reached" in offline.message
-    assert "wavlm_local:/path/to/model.pt" in offline.message  # how to use a copy of the file instead
+    assert "wavlm_large:/path/to/model.pt (run as S3PRL's wavlm_local:/path/to/model.pt)" in offline.message
     assert not cached.exists()  # nothing downloaded
     assert not verdicts["b"].ok and "absent.pt does not exist" in verdicts["b"].message
     assert not verdicts["hubert_local"].ok and "hubert_local:/path/to/model.pt" in verdicts["hubert_local"].message

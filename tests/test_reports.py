@@ -38,11 +38,12 @@ def fold_clips(fold: int) -> list:
 
 
 def write_run(root: Path, votes, upstream: str, train: str, fold: int, seed: int = 0, drop_tests=(),
-              votes_name: str = "paper", drop_clips: int = 0, extra: dict | None = None, path: str | None = None) -> Path:
+              votes_name: str = "paper", drop_clips: int = 0, extra: dict | None = None, path: str | None = None,
+              whole_split: bool = False) -> Path:
     default_path, strength, layers = UPSTREAMS[upstream]
     path = path or default_path
     rng = np.random.default_rng([fold, seed, STIMULI.index(train), layers])
-    clips = fold_clips(fold)[drop_clips:]
+    clips = (split_clips(fold, "test") if whole_split else fold_clips(fold))[drop_clips:]
     truth = binary_frame(votes, train).loc[clips].to_numpy()
     logits = strength * truth + rng.normal(0, 1, truth.shape)  # predictions correlated with the train labels
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
@@ -288,3 +289,42 @@ def test_bad_trees_are_one_line_errors(tmp_path, votes):
     out = tmp_path / "out"
     assert cli.main(["report", str(tmp_path / "c"), "--out", str(out)]) == 2
     assert not out.exists()  # validated before anything is written
+
+
+def test_numbers_from_runs_on_part_of_the_corpus_are_marked_everywhere(tmp_path, votes):
+    for fold in FOLDS:
+        # results written before partition_clips/complete existed: judged by their predictions' clips
+        write_run(tmp_path, votes, "wavlm_local", "voice", fold, whole_split=True)
+        # every test clip scored, but the JSON says the run trained on part of the corpus
+        write_run(tmp_path, votes, "wavlm_local", "face", fold, whole_split=True,
+                  extra={"partition_clips": len(split_clips(fold, "test")), "complete": fold != 3})
+        write_run(tmp_path, votes, "fbank", "voice", fold)  # 40 of each fold's test clips
+    out = tmp_path / "report"
+    assert cli.main(["report", str(tmp_path), "--out", str(out), "--bootstraps", "20"]) == 0
+    numbers = pd.read_csv(out / "table3_matched.csv").set_index("upstream")
+    assert numbers.loc["wavlm_local", "voice_complete"] and not numbers.loc["wavlm_local", "face_complete"]
+    assert numbers.loc["wavlm_local", "voice_n_clips"] == numbers.loc["wavlm_local", "voice_partition_clips"] == 7442
+    assert (numbers.loc["fbank", "voice_n_clips"], numbers.loc["fbank", "voice_partition_clips"]) == (200, 7442)
+    assert not numbers.loc["fbank", "voice_complete"]
+    markdown = (out / "table3_matched.md").read_text()
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in markdown.splitlines()
+             if line.startswith("| wavlm_local") or line.startswith("| fbank")}
+    assert "†" not in cells["wavlm_local"][0] + cells["wavlm_local"][1]  # voice, voice (folds): complete
+    assert all(text.rstrip(" |*").endswith("†") for text in cells["wavlm_local"][2:] + cells["fbank"][:2])
+    assert markdown.startswith("## Table III") and "(† built from incomplete runs)" in markdown.splitlines()[0]
+    assert "†: built from runs on part of the corpus (200 of 7,442; 7,442 of 7,442 test clips" in markdown
+    assert r"$^\dagger$" in (out / "table3_matched.tex").read_text()
+    cross = (out / "table4_cross_wavlm_local.md").read_text()
+    voice_row = next(line for line in cross.splitlines() if line.startswith("| voice "))
+    face_row = next(line for line in cross.splitlines() if line.startswith("| face "))
+    assert "†" not in voice_row and face_row.count("†") == 4
+    index = (out / "index.md").read_text()
+    assert "**† incomplete runs: 6 of 15**" in index
+    assert "### Cross-testing macro-F1, wavlm_local († built from incomplete runs)" in index
+    assert "Table III: macro-F1 on the matched test set (train S, test S), union of the five folds († built" in index
+    incomplete = pd.read_csv(out / "incomplete_runs.csv")
+    assert sorted(zip(incomplete.system, incomplete.fold)) == [("fbank", k) for k in FOLDS] + [("wavlm_local", 3)]
+    assert list(incomplete.query("system == 'fbank'").n_clips) == [CLIPS_PER_FOLD] * 5
+    run_dir = write_run(tmp_path / "bad", votes, "fbank", "voice", 1, extra={"complete": "yes"})
+    with pytest.raises(StimulusError, match=f"{run_dir}.*complete 'yes' is not true or false"):
+        build_report(tmp_path / "bad")

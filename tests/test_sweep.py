@@ -22,6 +22,7 @@ from s3prl_stimulus.cache.head import HEAD_PREFIX, initial_head_state, run_state
 from s3prl_stimulus.cache.manifest import build_manifest
 from s3prl_stimulus.cache.normalisation import Normalisation
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.partition import split_clips
 
 # S3PRL's optimizers and featurizer code are the reference (no upstream is built here)
 pytestmark = [pytest.mark.s3prl, pytest.mark.skipif(importlib.util.find_spec("s3prl") is None, reason="S3PRL is not installed")]
@@ -155,9 +156,12 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     directory = run_files(tmp_path, "face", 1, 4)
     result = json.loads((directory / "results-test-dev-best.json").read_text())
     assert list(result) == ["schema", "path", "upstream", "upstream_ckpt", "fold", "train_stimulus", "votes", "seed", "step",
-                            "checkpoint", "split", "upstream_identity", "n_clips", "test_stimuli"]
+                            "checkpoint", "split", "upstream_identity", "n_clips", "partition_clips", "complete",
+                            "test_stimuli"]
     assert result["upstream_identity"] == {"upstream": "synthetic", "upstream_ckpt": None, "weights_sha256": "0" * 64,
                                            "verified": True, "reason": None}
+    # 8 of the fold's test clips in the synthetic caches: the JSON says the run is not the full corpus
+    assert (result["partition_clips"], result["complete"]) == (len(split_clips(1, "test")), False)
     assert (result["path"], result["fold"], result["train_stimulus"], result["seed"], result["split"]) == ("cache", 1, "face", 4, "test")
     assert result["step"] in (4, 8, 12) and list(result["test_stimuli"]) == ["voice", "face", "av", "all"]
     frame = pd.read_csv(directory / "predictions-test-dev-best.csv")
@@ -177,12 +181,14 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     # summary: runs x test stimuli; seed statistics recomputed from it
     assert len(long) == 2 * 2 * 4 and set(long["seed"]) == {3, 4}
     summary = pd.read_csv(tmp_path / "synthetic" / "summary.csv")
+    assert (summary["n_clips"] == 8).all() and (summary["partition_clips"] == len(split_clips(1, "test"))).all()
+    assert not summary["complete"].any() and not pd.read_csv(tmp_path / "synthetic" / "summary-seeds.csv")["complete"].any()
     cell = summary[(summary.train_stimulus == "voice") & (summary.test_stimulus == "av")]["macro_f1"]
     row = grid[(grid.train_stimulus == "voice") & (grid.test_stimulus == "av")].iloc[0]
     assert row["macro_f1_mean"] == pytest.approx(cell.mean()) and row["macro_f1_std"] == pytest.approx(cell.std(ddof=1))
     assert row["n_seeds"] == 2
     table = sweep_outputs.grid_table(grid)
-    assert table.loc["voice", "av"] == f"{cell.mean():.4f} ± {cell.std(ddof=1):.4f}"
+    assert table.loc["voice", "av"] == f"{cell.mean():.4f} ± {cell.std(ddof=1):.4f} †"  # † built from incomplete runs
     assert json.loads((tmp_path / "synthetic" / "sweep.json").read_text())["runs"] == [
         "voice/fold1/seed3", "voice/fold1/seed4", "face/fold1/seed3", "face/fold1/seed4"]
 
@@ -236,8 +242,9 @@ def test_cli_runs_the_grid_and_reports_errors_in_one_line(grid_data, tmp_path, c
     root, _, _ = grid_data
     code = main(["sweep", "--cache", str(root / "caches"), "--out", str(tmp_path), "--folds", "2", "--seeds", "1", "2",
                  "--train-stimuli", "av", "-o", OVERRIDE, "--device", "cpu", "--no-progress", "--format", "csv", "--all-steps"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0 and "2 runs written" in out and "av," in out
+    assert " †" in out and "†: built from runs on part of the corpus" in err  # fold 2: 8 of its 1,470 test clips
     directory = run_files(tmp_path, "av", 2, 2)
     assert (directory / "results-test-dev-best.json").is_file()
     for step in (4, 8, 12):  # --all-steps: the S3PRL path's per-evaluation files too

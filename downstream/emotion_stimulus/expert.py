@@ -32,7 +32,7 @@ from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, soft_cross_entrop
 from s3prl_stimulus.metrics import binarize, macro_f1
 
 from s3prl_stimulus.labels import FoldLabels
-from s3prl_stimulus.results import FINAL_TAG, predictions_frame, score_stimuli, write_evaluation
+from s3prl_stimulus.results import FINAL_TAG, coverage, predictions_frame, score_stimuli, write_evaluation
 
 from .dataset import (
     NOTE, SPLITS, ClipDataset, DataConfig, check_audio, fold_clips, make_loader, normalisation_stats, parse_evalrc,
@@ -145,7 +145,8 @@ class DownstreamExpert(nn.Module):
         losses = {s: self._loss(logits, s, clips) for s in self.config.test_stimuli}
         scores = score_stimuli(frame, losses, self.evalrc)
         tag, step = self._tag(global_step)
-        result = self._metadata(split, step) | {"n_clips": len(clips), "test_stimuli": scores}
+        covered = coverage(self.config.fold, split, clips, self.clips["train"])
+        result = self._metadata(split, step) | {"n_clips": len(clips), **covered, "test_stimuli": scores}
         write_evaluation(self.expdir, split, tag, frame, result)
         for stimulus, score in scores.items():
             logger.add_scalar(f"{prefix}-{stimulus}-macro_f1", score["macro_f1"], global_step=global_step)

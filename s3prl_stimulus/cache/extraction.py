@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from s3prl_stimulus.cache.store import (CHUNKS, COMPLETE, _disk_error, _remove_s
 from s3prl_stimulus.cache.upstream import (DTYPES, UpstreamSpec, build_upstream, check_device, default_device,
                                            encode_batch, upstream_fields)
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.hub_entries import ignored_ckpt
 from s3prl_stimulus.io import write_json_atomic
 
 PREFETCH = 4  # batches of audio read ahead by two threads
@@ -91,7 +93,20 @@ def select_clips(audio_dir, clips) -> list[str]:
                             "list names such as 1001_DFA_ANG_XX, one per line")
     if not chosen:
         raise StimulusError(f"no clips to extract from {audio_dir} (--clips {clips})")
-    return sorted(dict.fromkeys(chosen))
+    chosen = sorted(dict.fromkeys(chosen))
+    _warn_left_out(clips, len(chosen), len(known))
+    return chosen
+
+
+def _warn_left_out(clips, n_chosen: int, n_known: int) -> None:
+    """As the downstream warns for ``datarc.clips``: a cache of part of the corpus gives runs that are
+    not comparable with the full corpus (their results JSONs say ``complete: false``)."""
+    if n_chosen == n_known:
+        return
+    given = clips if isinstance(clips, (str, os.PathLike)) else f"a list of {n_chosen}"
+    print(f"[extract] WARNING: --clips {given}: encoding {n_chosen} of {n_known} CREMA-D clips; "
+          f"{n_known - n_chosen} clips LEFT OUT: results from this cache are not comparable with the full corpus",
+          file=sys.stderr)
 
 
 def scan_clips(audio_dir, clips) -> dict:
@@ -167,6 +182,9 @@ def extract(audio_dir, out, spec: UpstreamSpec, normalisation: str = "train_mean
     the same arguments resumes; a directory made with other settings is refused.
     """
     fold_list = _check_options(dtype, normalisation, folds, chunk_clips, batch_clips)
+    ignored = ignored_ckpt(spec.name, spec.ckpt)
+    if ignored:  # as the launcher warns: S3PRL would build this upstream from its own download
+        print(f"[extract] WARNING: {ignored}", file=sys.stderr)
     device = check_device(device or default_device())
     frames = scan_clips(audio_dir, clips)
     order, samples = sorted_by_length(frames)

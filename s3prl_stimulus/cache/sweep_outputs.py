@@ -23,7 +23,7 @@ from s3prl_stimulus.cache.head import DOWNSTREAM, run_state
 from s3prl_stimulus.cache.training import TrainResult, evaluate_split, split_loss
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.integration.identity import EXTRA_STATE_KEY, UpstreamIdentity, checkpoint_state
-from s3prl_stimulus.results import predictions_frame, score_stimuli
+from s3prl_stimulus.results import coverage, predictions_frame, score_stimuli
 from s3prl_stimulus.results import write_evaluation as write_scored  # this module's write_evaluation scores first
 
 
@@ -76,7 +76,8 @@ def score_evaluation(context: SweepContext, grid: Grid, r: int, logits, split: s
     frame = predictions_frame(clips, probs, data.labels, context.test_stimuli)
     losses = {s: split_loss(grid, r, logits, split, s) for s in context.test_stimuli}
     scores = score_stimuli(frame, losses, context.evalrc)
-    return frame, metadata(context, run, split, step, checkpoint) | {"n_clips": len(clips), "test_stimuli": scores}
+    covered = coverage(run.fold, split, clips, data.clips["train"])
+    return frame, metadata(context, run, split, step, checkpoint) | {"n_clips": len(clips), **covered, "test_stimuli": scores}
 
 
 def write_evaluation(context: SweepContext, grid: Grid, r: int, logits, split: str, tag: str, step: int,
@@ -146,7 +147,8 @@ def write_run_outputs(context: SweepContext, grid: Grid, result: TrainResult) ->
         for stimulus, score in scores["test_stimuli"].items():
             rows.append({"train_stimulus": run.train_stimulus, "fold": run.fold, "seed": run.seed, "test_stimulus": stimulus,
                          "macro_f1": score["macro_f1"], "ci95_lo": score["ci95"][0], "ci95_hi": score["ci95"][1],
-                         "loss": score["loss"], "dev_best_step": step, "n_clips": score["n_clips"]})
+                         "loss": score["loss"], "dev_best_step": step, "n_clips": score["n_clips"],
+                         "partition_clips": scores["partition_clips"], "complete": scores["complete"]})
     for step, dev, test_step in result.step_evaluations:
         for r in range(len(grid.runs)):
             for evaluation in (dev, test_step):
@@ -160,19 +162,26 @@ def write_run_outputs(context: SweepContext, grid: Grid, result: TrainResult) ->
 def summarise(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Long table of every run × test stimulus, and mean ± std over seeds (sample std, ddof=1; 0 with one seed).
 
-    The grid table averages each seed's macro-F1 over folds first, then takes mean ± std over seeds.
+    The grid table averages each seed's macro-F1 over folds first, then takes mean ± std over seeds;
+    its ``complete`` is false when any run of the cell used part of the corpus.
     """
     long = pd.DataFrame(rows).sort_values(["train_stimulus", "test_stimulus", "fold", "seed"]).reset_index(drop=True)
     per_seed = long.groupby(["train_stimulus", "test_stimulus", "seed"])["macro_f1"].mean().reset_index()
     grid = per_seed.groupby(["train_stimulus", "test_stimulus"])["macro_f1"].agg(["mean", "std", "count"]).reset_index()
     grid["std"] = grid["std"].fillna(0.0)
     grid = grid.rename(columns={"mean": "macro_f1_mean", "std": "macro_f1_std", "count": "n_seeds"})
-    return long, grid
+    complete = long.groupby(["train_stimulus", "test_stimulus"])["complete"].all().rename("complete").reset_index()
+    return long, grid.merge(complete, on=["train_stimulus", "test_stimulus"])
+
+
+INCOMPLETE_MARK = " †"
+"""Appended to a cell built from runs on part of the corpus (``complete: false``)."""
 
 
 def grid_table(grid: pd.DataFrame) -> pd.DataFrame:
-    """Train stimulus × test stimulus, ``mean ± std`` over seeds of the fold-averaged macro-F1."""
-    cells = grid.assign(cell=[f"{m:.4f} ± {s:.4f}" for m, s in zip(grid["macro_f1_mean"], grid["macro_f1_std"])])
+    """Train stimulus × test stimulus, ``mean ± std`` over seeds of the fold-averaged macro-F1 (``†``: incomplete runs)."""
+    cells = grid.assign(cell=[f"{m:.4f} ± {s:.4f}{'' if done else INCOMPLETE_MARK}"
+                              for m, s, done in zip(grid["macro_f1_mean"], grid["macro_f1_std"], grid["complete"])])
     order = [s for s in STIMULI if s in set(cells["test_stimulus"])]
     table = cells.pivot(index="train_stimulus", columns="test_stimulus", values="cell")
     table = table.reindex(index=[s for s in STIMULI if s in table.index], columns=order)

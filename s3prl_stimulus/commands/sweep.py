@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from s3prl_stimulus import STIMULI
 from s3prl_stimulus.io import check_writable_dir
@@ -54,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
                                         test_stimuli=args.test_stimuli,
                                         allow_unverified_upstream=args.allow_unverified_upstream)
         scores = {s: v["macro_f1"] for s, v in result["test_stimuli"].items()}
+        partial = "" if result["complete"] else (f" († scored {result['n_clips']} of the split's {result['partition_clips']} "
+                                                 "clips: not comparable with the full corpus)")
         print(f"{args.evaluate} ({result['split']}, from the cache): macro-F1 " +
-              ", ".join(f"{s} {f:.4f}" for s, f in scores.items()) + _unverified_note(result))
+              ", ".join(f"{s} {f:.4f}" for s, f in scores.items()) + partial + _unverified_note(result))
         return 0
     long, grid = sweep(args.cache, args.out, train_stimuli=args.train_stimuli, folds=args.folds, seeds=args.seeds,
                        test_stimuli=args.test_stimuli, config=args.config, override=args.override, device=args.device,
@@ -65,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     n_runs = len(long[["train_stimulus", "fold", "seed"]].drop_duplicates())
     print(f"{n_runs} runs written under {args.out}; macro-F1 (test, dev-best), mean over folds, ± std over seeds:")
     print(render(grid_table(grid), args.format, json_obj=grid.to_dict(orient="records")))
+    if not long["complete"].all():
+        print("†: built from runs on part of the corpus (n_clips of partition_clips per run in summary.csv): "
+              "not comparable with the full corpus", file=sys.stderr)
     return 0
 
 

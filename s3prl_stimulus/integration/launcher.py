@@ -11,7 +11,9 @@
    ``-d emotion_stimulus`` (S3PRL looks for ``./downstream/<name>/config.yaml`` under the current
    directory), ``--device cpu`` without CUDA (S3PRL defaults to ``cuda``), and ``--local_rank`` under
    torchrun (which passes the rank only in ``LOCAL_RANK``; without the flag S3PRL trains one
-   independent copy per process).
+   independent copy per process);
+4. warns when ``-k`` goes to a hub entry that drops it (:mod:`s3prl_stimulus.integration.hub_entries`):
+   ``-u wavlm_large -k FILE`` would download instead of reading FILE.
 
 Then it calls ``s3prl.run_downstream.main()``, which reads ``sys.argv`` as when S3PRL is run directly.
 """
@@ -27,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.hub_entries import ignored_ckpt
 from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.integration.registration import DOWNSTREAM_NAME, downstream_folder
 from s3prl_stimulus.seeds import check_seed
@@ -55,6 +58,8 @@ def _known_arguments() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank")
     parser.add_argument("--seed")
     parser.add_argument("-o", "--override")
+    parser.add_argument("-u", "--upstream")
+    parser.add_argument("-k", "--upstream_ckpt")
     return parser
 
 
@@ -77,7 +82,8 @@ def resolve_arguments(argv: list[str], environ=None, cuda_available: bool | None
     argv, notes = _default_config(argv, known, notes)
     argv, notes = _default_device(argv, known, cuda_available, notes)
     argv, notes = _torchrun_rank(argv, known, environ, cuda_available, notes)
-    return argv, notes
+    ignored = ignored_ckpt(known.upstream, known.upstream_ckpt)
+    return argv, notes + ([f"WARNING: {ignored}"] if ignored else [])
 
 
 def _dash_local_rank(token: str) -> str:

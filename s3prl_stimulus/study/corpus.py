@@ -12,7 +12,8 @@ rerun continues a partial file with an HTTP ``Range`` request, and only a file w
 SHA-256 match is renamed to ``<clip>.wav``. Files already present and correct are skipped; wrong
 ones are fetched again.
 
-Verification (:func:`verify_corpus`) checks presence, size, checksum and format (16 kHz, mono,
+Verification (:func:`verify_corpus`) checks presence, size, a data chunk as long as its header declares
+(:func:`s3prl_stimulus.audio.truncation`, as every clip reader), checksum and format (16 kHz, mono,
 16-bit PCM WAV) and *flags* clips without dropping them: clips whose audio is (near) silent,
 measured on the file (RMS below :data:`SILENCE_DBFS`), and clips with problems reported by others
 (:data:`KNOWN_ISSUES`). CREMA-D publishes no errata list; what is known comes from its users:
@@ -53,7 +54,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from s3prl_stimulus.audio import read_clip_list
+from s3prl_stimulus.audio import read_clip_list, truncation
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import sha256_file
 from s3prl_stimulus.progress import duration
@@ -473,7 +474,7 @@ class _ProgressLines:
 
 # --- verify -------------------------------------------------------------------------------------
 
-PROBLEM_STATUSES = ("missing", "size", "checksum", "unreadable", "format")
+PROBLEM_STATUSES = ("missing", "size", "truncated", "checksum", "unreadable", "format")
 
 
 @dataclass(frozen=True)
@@ -560,6 +561,9 @@ def check_clip(corpus: Path, clip: str, size: int, sha256: str, checksum: bool =
     actual = path.stat().st_size
     if actual != size:
         return ClipCheck(clip, "size", f"size {actual} bytes, expected {size}", known)
+    cut = truncation(path)  # the readers' own check: a manifest of truncated sizes must not pass either
+    if cut:
+        return ClipCheck(clip, "truncated", cut, known)
     try:
         info = soundfile.info(str(path))
         samples, _ = soundfile.read(str(path), dtype="int16", always_2d=True)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from s3prl_stimulus import STIMULI
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.hub_entries import WAVEFORM_FEATURES, local_entry
 from s3prl_stimulus.partition import check_fold
 from s3prl_stimulus.seeds import check_seed
 
@@ -37,7 +38,10 @@ class Upstream:
     """One line of the upstream list: ``NAME``, ``NAME:CKPT`` or ``LABEL=NAME[:CKPT]``.
 
     ``name`` is S3PRL's ``-u``, ``ckpt`` its ``-k`` (a local file, made absolute, or a URL), ``label`` the
-    directory the runs go to (default: the name).
+    directory the runs go to (default: the name as listed). S3PRL's entries for the paper's upstreams drop
+    ``-k`` (they load their own download), so one listed with a file runs as the hub entry that reads it:
+    ``wavlm_large:/m/w.pt`` is ``-u wavlm_local -k /m/w.pt`` under ``wavlm_large/``
+    (:data:`s3prl_stimulus.integration.hub_entries.LOCAL_ENTRY`).
     """
 
     name: str
@@ -47,6 +51,18 @@ class Upstream:
     def __post_init__(self):
         if not self.label:
             object.__setattr__(self, "label", self.name)
+        if self.ckpt is None:
+            return
+        listed = f"upstream {self.label}={self.name}:{self.ckpt}"
+        if self.name in WAVEFORM_FEATURES:
+            raise StimulusError(f"{listed}: {self.name} is computed from the waveform and takes no checkpoint: "
+                                f"list it as {self.name}")
+        local = local_entry(self.name)
+        if local and "://" in self.ckpt:
+            raise StimulusError(f"{listed}: S3PRL's {self.name} ignores a checkpoint URL and downloads its own weights: "
+                                f"list {self.name} alone, or download the file and list {self.name}:/path/to/file")
+        if local:
+            object.__setattr__(self, "name", local)
 
     @property
     def local_ckpt(self) -> bool:

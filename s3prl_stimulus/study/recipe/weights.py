@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.hub_entries import LOCAL_ENTRY, WAVEFORM_FEATURES as FEATURE_UPSTREAMS
 from s3prl_stimulus.study.recipe.settings import Settings, Upstream
 
-FEATURE_UPSTREAMS = frozenset({"fbank", "fbank_no_cmvn", "mel", "mfcc", "linear", "spectrogram"})
-"""Upstreams computed from the waveform alone: nothing to download."""
 CONNECT_TIMEOUT_S = 3.0
 """Preflight: how long to wait for a connection to a weights server before calling the machine offline."""
 
@@ -76,9 +75,9 @@ def preflight(upstreams: Sequence[Upstream], hub=None, connect: Callable[[str], 
     for upstream in upstreams:
         if upstream.local_ckpt:
             ok = Path(upstream.ckpt).is_file()
-            checks.append(Preflight(upstream, ok, f"local checkpoint {upstream.ckpt}" if ok else
-                                    f"{upstream.label}: checkpoint {upstream.ckpt} does not exist: fix the path in "
-                                    "the upstream list"))
+            found = f"local checkpoint {upstream.ckpt}, read by S3PRL's {upstream.name}"
+            checks.append(Preflight(upstream, ok, found if ok else f"{upstream.label}: checkpoint {upstream.ckpt} does "
+                                    "not exist: fix the path in the upstream list"))
         elif upstream.name in FEATURE_UPSTREAMS:
             checks.append(Preflight(upstream, True, "computed from the waveform: nothing to download"))
         elif upstream.name.endswith("_local"):
@@ -98,20 +97,17 @@ def preflight(upstreams: Sequence[Upstream], hub=None, connect: Callable[[str], 
             if found is None:
                 checks.append(Preflight(upstream, True, "needs no download"))
             else:
-                checks.append(_download_check(upstream, *found, connect, _local_spelling(upstream.name, hub)))
+                checks.append(_download_check(upstream, *found, connect, _local_spelling(upstream.name)))
     order = {u.label: i for i, u in enumerate(upstreams)}
     return sorted(checks, key=lambda c: order[c.upstream.label])
 
 
-def _local_spelling(name: str, hub=None) -> str:
-    """How to list ``name``'s model from a file: ``wavlm_large`` → ``wavlm_local:/path/to/model.pt`` when the hub has
-    that ``*_local`` upstream."""
-    if hub is None:
-        from s3prl_stimulus.cache.upstream import import_hub
-
-        hub = import_hub()
-    local = f"{name.split('_')[0]}_local"
-    return f"{local if hasattr(hub, local) else 'NAME_local'}:/path/to/model.pt"
+def _local_spelling(name: str) -> str:
+    """How to list ``name``'s model from a file: ``wavlm_large:/path/to/model.pt``, which the recipe runs as
+    S3PRL's ``wavlm_local``; for upstreams outside the paper's table, the ``*_local`` entry of the model family."""
+    if name in LOCAL_ENTRY:
+        return f"{name}:/path/to/model.pt (run as S3PRL's {LOCAL_ENTRY[name]}:/path/to/model.pt)"
+    return "FAMILY_local:/path/to/model.pt (the hub entry of its model family that reads a file, e.g. wavlm_local)"
 
 
 def _download_check(upstream: Upstream, url: str, cached: Optional[Path], connect, local: str) -> Preflight:

@@ -41,6 +41,10 @@ class Report:
     def cell(self, system: str, train: str, test: str) -> Cell:
         return self.cells.get((system, train, test), Cell())
 
+    def incomplete_runs(self) -> list:
+        """Runs on part of the corpus: every number built from them is marked †."""
+        return [r for r in self.study.runs if not r.complete]
+
     def ranking(self) -> list:
         """Systems by their best matched-test macro-F1, descending (missing last)."""
         def best(system):

@@ -2,7 +2,10 @@
 
 Fig. 2: the learned layer weights per train stimulus, averaged over folds (one figure per upstream).
 For the upstream of Table IV: the cross-testing heatmap (train x test macro-F1) and per-class F1 bars
-on the matched test sets. Missing cells are drawn as missing, never as zero.
+on the matched test sets. Missing cells are drawn as missing, never as zero. A figure drawn from any
+run on part of the corpus says so in its title (and its index caption); heatmap cells from such runs carry †.
+
+Each figure function returns ``(caption, paths)``: the caption is the index's title for the figure.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 from s3prl_stimulus import CLASSES
 from s3prl_stimulus.io import atomic_path
 from s3prl_stimulus.study.reports.build import Report
-from s3prl_stimulus.study.reports.tables import slug
+from s3prl_stimulus.study.reports.tables import MARK, TITLE_MARK, slug
 
 FIGURE_INCHES = (6.4, 4.8)
 FIGURE_DPI = 100
@@ -61,13 +64,19 @@ def layer_weight_means(report: Report, system: str) -> dict:
     return result
 
 
-def figure_layer_weights(report: Report, system: str, out: Path) -> list:
+def _caption(title: str, complete: bool) -> str:
+    return title if complete else title + TITLE_MARK
+
+
+def figure_layer_weights(report: Report, system: str, out: Path) -> tuple[str, list]:
+    complete = all(r.complete for r in report.study.runs if r.system == system and r.layer_weights is not None)
+    caption = _caption(f"Fig. 2: layer weights, {system}", complete)
     means = layer_weight_means(report, system)
     if not means:
-        return []
+        return caption, []
     if all(len(m[0]) < 2 for m in means.values()):
         report.notes.append(f"Fig. 2 not drawn for {system}: its featurizer has a single layer")
-        return []
+        return caption, []
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure()
@@ -79,39 +88,43 @@ def figure_layer_weights(report: Report, system: str, out: Path) -> list:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (0 = CNN / input features)")
     ax.set_ylabel("softmax weight (mean ± std over folds)")
-    ax.set_title(f"Fig. 2: learned layer weights, {system}")
+    ax.set_title(_caption(f"Fig. 2: learned layer weights, {system}", complete), fontsize="medium")
     fig.legend(title="train stimulus", loc="outside right upper", fontsize="small")
-    return save_figure(fig, out / f"fig2_layer_weights_{slug(system)}")
+    return caption, save_figure(fig, out / f"fig2_layer_weights_{slug(system)}")
 
 
-def figure_heatmap(report: Report, out: Path) -> list:
+def figure_heatmap(report: Report, out: Path) -> tuple[str, list]:
     system, trains, tests = report.chosen, report.study.train_stimuli, report.study.test_stimuli
-    values = np.array([[report.cell(system, s, t).value for t in tests] for s in trains])
+    cells = [[report.cell(system, s, t) for t in tests] for s in trains]
+    values = np.array([[c.value for c in row] for row in cells])
+    complete = all(c.complete for row in cells for c in row if not c.missing)
     fig = _figure()
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
     ax.set_facecolor("0.85")  # missing cells show as grey, labelled below
     for (i, j), v in np.ndenumerate(values):
-        text = "missing" if math.isnan(v) else f"{v:.3f}"
+        text = "missing" if math.isnan(v) else f"{v:.3f}" + ("" if cells[i][j].complete else MARK)
         ax.text(j, i, text, ha="center", va="center", color="black" if math.isnan(v) else "white")
     ax.set_xticks(range(len(tests)), tests)
     ax.set_yticks(range(len(trains)), trains)
     ax.set_xlabel("test label set")
     ax.set_ylabel("train label set")
-    ax.set_title(f"Cross-testing macro-F1, {system}")
+    caption = _caption(f"Cross-testing macro-F1, {system}", complete)
+    ax.set_title(caption, fontsize="medium")
     fig.colorbar(image, ax=ax, label="macro-F1")
-    return save_figure(fig, out / f"cross_test_heatmap_{slug(system)}")
+    return caption, save_figure(fig, out / f"cross_test_heatmap_{slug(system)}")
 
 
-def figure_per_class(report: Report, out: Path) -> list:
+def figure_per_class(report: Report, out: Path) -> tuple[str, list]:
     system, trains = report.chosen, report.study.train_stimuli
+    complete = all(report.cell(system, t, t).complete for t in trains if not report.cell(system, t, t).missing)
     fig = _figure()
     ax = fig.add_subplot()
     width = 0.8 / max(len(trains), 1)
     positions = np.arange(len(CLASSES))
     for k, train in enumerate(trains):
         cell = report.cell(system, train, train)
-        label = f"train {train} / test {train}" + (" (missing)" if cell.missing else "")
+        label = f"train {train} / test {train}" + (" (missing)" if cell.missing else "" if cell.complete else MARK)
         if cell.missing:  # no bar at all (a zero-height bar would read as F1 = 0); the legend says missing
             ax.bar([], [], width, label=label)
             continue
@@ -119,6 +132,7 @@ def figure_per_class(report: Report, out: Path) -> list:
     ax.set_xticks(positions, CLASSES)
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1 (pooled test predictions)")
-    ax.set_title(f"Per-class F1 on the matched test set, {system}")
+    caption = _caption(f"Per-class F1 on the matched test set, {system}", complete)
+    ax.set_title(caption, fontsize="medium")
     fig.legend(loc="outside lower center", ncols=2, fontsize="small")
-    return save_figure(fig, out / f"per_class_f1_{slug(system)}")
+    return caption, save_figure(fig, out / f"per_class_f1_{slug(system)}")

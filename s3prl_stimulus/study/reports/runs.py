@@ -53,6 +53,8 @@ class Run:
     speakers: pd.Series  # index clip
     layer_weights: Optional[tuple] = None
     system: str = ""  # display name, set once every run is known (upstream, plus path when ambiguous)
+    partition_clips: int = 0  # test clips of this fold in the full EMO-SUPERB partition
+    complete: bool = True  # scored all of them (and, by its JSON, trained on every training clip): see _coverage
 
 
 def _fail(where: Path, what: str, fix: str) -> StimulusError:
@@ -136,12 +138,23 @@ def _read_layer_weights(results_file: Path, meta: dict, notes: list) -> Optional
     return tuple(float(w) for w in weights)
 
 
+def _coverage(path: Path, meta: dict, n_scored: int) -> tuple[int, bool]:
+    """(partition_clips, complete) of a run. Its predictions decide (results written before these fields
+    existed have nothing else); a JSON's ``complete: false`` (e.g. trained on part of the corpus) is kept."""
+    partition = len(split_clips(meta["fold"], "test"))
+    complete = meta.get("complete", True)
+    if not isinstance(complete, bool):
+        raise _fail(path, f"complete {complete!r} is not true or false", "fix the results file")
+    return partition, complete and n_scored == partition
+
+
 def read_run(results_file: str | os.PathLike, notes: Optional[list] = None) -> Run:
     """Load one run from its results JSON and the sibling predictions CSV (and layer weights)."""
     results_file = Path(results_file)
     notes = [] if notes is None else notes
     meta = _metadata(results_file, _read_json(results_file))
     probs, targets, speakers = _read_predictions(results_file.with_name(PREDICTIONS_FILE), meta["fold"])
+    partition_clips, complete = _coverage(results_file, meta, len(probs))
     return Run(
         path=str(meta["path"]), upstream=str(meta["upstream"]),
         upstream_ckpt=None if meta.get("upstream_ckpt") is None else str(meta["upstream_ckpt"]),
@@ -149,6 +162,7 @@ def read_run(results_file: str | os.PathLike, notes: Optional[list] = None) -> R
         fold=int(meta["fold"]), seed=int(meta["seed"]), votes=str(meta["votes"]), results_file=results_file,
         json_scores=dict(meta.get("test_stimuli") or {}), probs=probs, targets=targets, speakers=speakers,
         layer_weights=_read_layer_weights(results_file, meta, notes),
+        partition_clips=partition_clips, complete=complete,
     )
 
 

@@ -9,7 +9,8 @@ scores is kept alongside. With several seeds, every seed is pooled and scored on
 :class:`Cell` holds the mean ± sample std over seeds.
 
 A pooled score needs all five folds: a missing fold (or a predictions file without a test stimulus's
-targets) leaves the cell *missing* -- never zero.
+targets) leaves the cell *missing* -- never zero. A score built from any run on part of the corpus
+(``Run.complete`` false) carries ``complete: false`` and its clip counts, so the tables can mark it.
 
 Training label sets are compared on each test set with paired bootstrap tests
 (:func:`s3prl_stimulus.metrics.paired_bootstrap`), p-values Holm-adjusted within each family (one
@@ -52,6 +53,8 @@ class Pooled:
     y_pred: np.ndarray
     speakers: np.ndarray
     clips: pd.Index
+    partition_clips: int  # test clips the five folds' splits hold in the full partition
+    complete: bool  # every run scored its whole split (and trained on all its training clips)
 
 
 def _stack(frames: list) -> pd.DataFrame:
@@ -99,12 +102,15 @@ def pool_all(study: Study) -> tuple[list, pd.DataFrame]:
                 if test in run.targets:
                     f1 = macro_f1(run.targets[test].to_numpy(), _binary(run))
                     stored = (run.json_scores.get(test) or {}).get("macro_f1")
-                    per_fold.append((system, train, test, seed, run.fold, f1, stored, str(run.results_file)))
+                    per_fold.append((system, train, test, seed, run.fold, f1, stored, len(run.probs),
+                                     run.partition_clips, run.complete, str(run.results_file)))
             data = pooled_predictions(runs, test) if complete else None
             if data is not None:
-                pooled.append(Pooled(system, train, test, seed, *data))
+                coverage = (sum(r.partition_clips for r in runs), all(r.complete for r in runs))
+                pooled.append(Pooled(system, train, test, seed, *data, *coverage))
     per_fold = pd.DataFrame(per_fold, columns=["system", "train_stimulus", "test_stimulus", "seed", "fold",
-                                               "macro_f1", "json_macro_f1", "results_file"])
+                                               "macro_f1", "json_macro_f1", "n_clips", "partition_clips", "complete",
+                                               "results_file"])
     return pooled, per_fold
 
 
@@ -145,10 +151,10 @@ def score_table(pooled: list, values: list, settings: ScoreSettings) -> pd.DataF
     for item, row in zip(pooled, values):
         low, high = percentile_interval(row, settings.alpha)
         rows.append((item.system, item.train_stimulus, item.test_stimulus, item.seed,
-                     macro_f1(item.y_true, item.y_pred), low, high, len(item.clips),
-                     *per_class_f1(item.y_true, item.y_pred).values()))
+                     macro_f1(item.y_true, item.y_pred), low, high, len(item.clips), item.partition_clips,
+                     item.complete, *per_class_f1(item.y_true, item.y_pred).values()))
     return pd.DataFrame(rows, columns=["system", "train_stimulus", "test_stimulus", "seed", "macro_f1",
-                                       "ci_low", "ci_high", "n_clips", *CLASSES])
+                                       "ci_low", "ci_high", "n_clips", "partition_clips", "complete", *CLASSES])
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,9 @@ class Cell:
     fold_std: float = math.nan
     n_folds: int = 0
     per_class: tuple = ()
+    complete: bool = True  # False: built from a run on part of the corpus (tables mark it)
+    n_clips: int = 0  # test clips its runs scored (the seed with the fewest)
+    partition_clips: int = 0  # test clips the same folds hold in the full partition
 
     @property
     def missing(self) -> bool:
@@ -172,6 +181,15 @@ class Cell:
 
 def _std(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def _coverage(folds: Optional[pd.DataFrame]) -> dict:
+    """A cell's completeness from its per-fold rows: clips of the seed that scored fewest, and its partition's."""
+    if folds is None:
+        return {}
+    per_seed = folds.groupby("seed")[["n_clips", "partition_clips"]].sum().sort_values("n_clips")
+    return dict(complete=bool(folds["complete"].all()), n_clips=int(per_seed["n_clips"].iloc[0]),
+                partition_clips=int(per_seed["partition_clips"].iloc[0]))
 
 
 def aggregate(scores: pd.DataFrame, per_fold: pd.DataFrame) -> dict:
@@ -184,7 +202,7 @@ def aggregate(scores: pd.DataFrame, per_fold: pd.DataFrame) -> dict:
         folds = fold_groups.get(key)
         fold_values = folds["macro_f1"].to_numpy() if folds is not None else np.array([])
         fold_part = dict(fold_mean=float(fold_values.mean()) if len(fold_values) else math.nan,
-                         fold_std=_std(fold_values), n_folds=len(fold_values))
+                         fold_std=_std(fold_values), n_folds=len(fold_values), **_coverage(folds))
         seeds = seed_groups.get(key)
         if seeds is None:
             cells[key] = Cell(**fold_part)
@@ -230,9 +248,10 @@ def paired_tests(pooled: list, values: list, settings: ScoreSettings) -> pd.Data
         for a, b in itertools.combinations(trains, 2):
             ka, kb = index[(system, test, seed, a)], index[(system, test, seed, b)]
             f1_a, f1_b, difference, ci, p, n = _compare(pooled[ka], pooled[kb], values[ka], values[kb], settings)
-            rows.append((system, test, a, b, seed, f1_a, f1_b, difference, ci[0], ci[1], p, n))
+            complete = pooled[ka].complete and pooled[kb].complete
+            rows.append((system, test, a, b, seed, f1_a, f1_b, difference, ci[0], ci[1], p, n, complete))
     frame = pd.DataFrame(rows, columns=["system", "test_stimulus", "train_a", "train_b", "seed", "macro_f1_a",
-                                        "macro_f1_b", "difference", "ci_low", "ci_high", "p_value", "n_clips"])
+                                        "macro_f1_b", "difference", "ci_low", "ci_high", "p_value", "n_clips", "complete"])
     frame["p_holm"] = (frame.groupby(["system", "test_stimulus", "seed"])["p_value"].transform(holm)
                        if len(frame) else pd.Series(dtype=np.float64))
     return frame

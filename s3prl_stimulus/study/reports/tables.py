@@ -4,6 +4,9 @@ Table II: agreement between the label sets of the runs' votes source. Table III:
 stimulus on the matched test set, best per row in bold, rows by best macro-F1 descending. Table IV:
 train x test for one upstream, with CI, plus its per-class F1. The paired bootstrap tests between
 training label sets on each test set, with Holm-adjusted p-values.
+
+A number built from any run on part of the corpus carries a dagger (†), its table's title says so, and a
+note gives the clips it was built from; the CSV has ``complete``, ``n_clips`` and ``partition_clips``.
 """
 
 from __future__ import annotations
@@ -36,18 +39,29 @@ class Table:
     notes: tuple = ()
 
 
+MARK, LATEX_MARK = " †", r"$^\dagger$"
+"""Appended to every number built from a run on part of the corpus (``complete: false``)."""
+TITLE_MARK = " († built from incomplete runs)"
+
+
 def _fmt(value: float, decimals: int) -> str:
     return f"{value:.{decimals}f}"
 
 
+def _marked(text: str, complete: bool, latex: bool) -> str:
+    return text if complete else text + (LATEX_MARK if latex else MARK)
+
+
 def score_text(cell: Cell, decimals: int, latex: bool = False) -> str:
-    """``0.652 [0.641, 0.663]`` (one seed) or ``0.652 ± 0.004 (3 seeds)``; ``missing`` when absent."""
+    """``0.652 [0.641, 0.663]`` (one seed) or ``0.652 ± 0.004 (3 seeds)``; ``missing`` when absent; † when incomplete."""
     if cell.missing:
         return "missing"
     pm = r"$\pm$" if latex else "±"
     if cell.n_seeds == 1:
-        return f"{_fmt(cell.value, decimals)} [{_fmt(cell.low, decimals)}, {_fmt(cell.high, decimals)}]"
-    return f"{_fmt(cell.value, decimals)} {pm} {_fmt(cell.seed_std, decimals)} ({cell.n_seeds} seeds)"
+        text = f"{_fmt(cell.value, decimals)} [{_fmt(cell.low, decimals)}, {_fmt(cell.high, decimals)}]"
+    else:
+        text = f"{_fmt(cell.value, decimals)} {pm} {_fmt(cell.seed_std, decimals)} ({cell.n_seeds} seeds)"
+    return _marked(text, cell.complete, latex)
 
 
 def folds_text(cell: Cell, decimals: int, latex: bool = False) -> str:
@@ -57,7 +71,25 @@ def folds_text(cell: Cell, decimals: int, latex: bool = False) -> str:
     std = "n/a" if math.isnan(cell.fold_std) else _fmt(cell.fold_std, decimals)
     expected = len(FOLDS) * max(cell.n_seeds, 1)
     partial = "" if cell.n_folds >= expected and not cell.missing else f" ({cell.n_folds} folds)"
-    return f"{_fmt(cell.fold_mean, decimals)} {pm} {std}{partial}"
+    return _marked(f"{_fmt(cell.fold_mean, decimals)} {pm} {std}{partial}", cell.complete, latex)
+
+
+def _incomplete(cells) -> list:
+    return [c for c in cells if c.n_folds and not c.complete]
+
+
+def _title(title: str, cells) -> str:
+    return title + (TITLE_MARK if _incomplete(cells) else "")
+
+
+def _incomplete_note(cells) -> tuple:
+    """The footnote of a table with † cells: the clips they were built from."""
+    counts = sorted({(c.n_clips, c.partition_clips) for c in _incomplete(cells)})
+    if not counts:
+        return ()
+    shown = "; ".join(f"{n:,} of {m:,}" for n, m in counts[:3]) + ("; …" if len(counts) > 3 else "")
+    return (f"†: built from runs on part of the corpus ({shown} test clips of the folds run; per cell in the CSV's "
+            "n_clips and partition_clips), or trained on part of it: not comparable with the full corpus.",)
 
 
 def _bold(text: str, latex: bool) -> str:
@@ -67,7 +99,8 @@ def _bold(text: str, latex: bool) -> str:
 def _cell_numbers(prefix: str, cell: Cell) -> dict:
     return {f"{prefix}macro_f1": cell.value, f"{prefix}ci_low": cell.low, f"{prefix}ci_high": cell.high,
             f"{prefix}seed_std": cell.seed_std, f"{prefix}n_seeds": cell.n_seeds, f"{prefix}fold_mean": cell.fold_mean,
-            f"{prefix}fold_std": cell.fold_std, f"{prefix}n_folds": cell.n_folds}
+            f"{prefix}fold_std": cell.fold_std, f"{prefix}n_folds": cell.n_folds, f"{prefix}complete": cell.complete,
+            f"{prefix}n_clips": cell.n_clips, f"{prefix}partition_clips": cell.partition_clips}
 
 
 def _best(values: dict) -> Optional[str]:
@@ -77,6 +110,7 @@ def _best(values: dict) -> Optional[str]:
 
 def table3(report: Report, decimals: int) -> Table:
     trains = report.study.train_stimuli
+    shown = [report.cell(u, s, s) for u in report.study.systems for s in trains]
     md, tex, numbers = {}, {}, []
     for system in report.ranking():
         cells = {s: report.cell(system, s, s) for s in trains}
@@ -91,9 +125,11 @@ def table3(report: Report, decimals: int) -> Table:
             row.update(_cell_numbers(f"{s}_", cell))
         numbers.append(row)
     return Table(
-        "table3_matched", "Table III: macro-F1 on the matched test set (train S, test S), union of the five folds",
+        "table3_matched", _title("Table III: macro-F1 on the matched test set (train S, test S), union of the five folds",
+                                 shown),
         _frame(md, "upstream"), _escaped_index(_frame(tex, "upstream")), pd.DataFrame(numbers),
-        ("Bold: best training label set per row. Rows: best macro-F1, descending.",) + _cell_legend(report),
+        ("Bold: best training label set per row. Rows: best macro-F1, descending.",) + _cell_legend(report)
+        + _incomplete_note(shown),
     )
 
 
@@ -125,6 +161,7 @@ def _cell_legend(report: Report) -> tuple:
 def table4(report: Report, decimals: int) -> Table:
     system, trains, tests = report.chosen, report.study.train_stimuli, report.study.test_stimuli
     best = {t: _best({s: report.cell(system, s, t).value for s in trains}) for t in tests}
+    shown = [report.cell(system, s, t) for s in trains for t in tests]
     md, tex, numbers = {}, {}, []
     for s in trains:
         md[s], tex[s] = {}, {}
@@ -137,28 +174,31 @@ def table4(report: Report, decimals: int) -> Table:
             row.update(_cell_numbers(f"{t}_", cell))
         numbers.append(row)
     return Table(
-        f"table4_cross_{slug(system)}", f"Table IV: cross-testing macro-F1 of {system} (rows: train, columns: test)",
+        f"table4_cross_{slug(system)}", _title(f"Table IV: cross-testing macro-F1 of {system} (rows: train, columns: test)",
+                                               shown),
         _frame(md, "train / test"), _frame(tex, "train / test"), pd.DataFrame(numbers),
-        ("Bold: best training label set for each test set.",) + _cell_legend(report),
+        ("Bold: best training label set for each test set.",) + _cell_legend(report) + _incomplete_note(shown),
     )
 
 
 def table4_per_class(report: Report, decimals: int) -> Table:
     system = report.chosen
-    md, numbers = {}, []
+    md, numbers, shown = {}, [], []
     for s, t in itertools.product(report.study.train_stimuli, report.study.test_stimuli):
         cell = report.cell(system, s, t)
-        label = f"{s} → {t}"
+        shown.append(cell)
+        label = _marked(f"{s} → {t}", cell.complete or cell.missing, latex=False)  # the whole row is from these runs
         values = dict(zip(CLASSES, cell.per_class)) if cell.per_class else {}
         md[label] = {c: _fmt(values[c], decimals) if c in values else "missing" for c in CLASSES}
         md[label]["macro-F1"] = "missing" if cell.missing else _fmt(cell.value, decimals)
         numbers.append({"train_stimulus": s, "test_stimulus": t, "n_seeds": cell.n_seeds, "macro_f1": cell.value,
-                        **{c: values.get(c, math.nan) for c in CLASSES}})
+                        **{c: values.get(c, math.nan) for c in CLASSES}, "complete": cell.complete,
+                        "n_clips": cell.n_clips, "partition_clips": cell.partition_clips})
     cells = _frame(md, "train → test")
-    latex = cells.rename(index=lambda x: x.replace("→", r"$\rightarrow$"))
+    latex = cells.rename(index=lambda x: x.replace("→", r"$\rightarrow$").replace(MARK, LATEX_MARK))
     latex.index.name = r"train $\rightarrow$ test"
-    return Table(f"table4_per_class_{slug(system)}", f"Per-class F1 of {system} (pooled test predictions)",
-                 cells, latex, pd.DataFrame(numbers), ("Mean over seeds when several.",))
+    return Table(f"table4_per_class_{slug(system)}", _title(f"Per-class F1 of {system} (pooled test predictions)", shown),
+                 cells, latex, pd.DataFrame(numbers), ("Mean over seeds when several.",) + _incomplete_note(shown))
 
 
 def table2(report: Report, decimals: int) -> Optional[Table]:
@@ -175,26 +215,31 @@ def table_paired(report: Report, decimals: int) -> Table:
     frame = report.paired
     md, tex = [], []
     for row in frame.itertuples():
+        difference = f"{row.difference:+.{decimals}f}"
         common = [row.system, row.test_stimulus, f"{row.train_a} − {row.train_b}", str(row.seed),
-                  _fmt(row.macro_f1_a, decimals), _fmt(row.macro_f1_b, decimals), f"{row.difference:+.{decimals}f}",
+                  _fmt(row.macro_f1_a, decimals), _fmt(row.macro_f1_b, decimals), _marked(difference, row.complete, False),
                   f"[{row.ci_low:+.{decimals}f}, {row.ci_high:+.{decimals}f}]", f"{row.p_value:.3f}", f"{row.p_holm:.3f}"]
         md.append(common)
-        tex.append(common[:2] + [f"{row.train_a} $-$ {row.train_b}"] + common[3:])
+        tex.append(common[:2] + [f"{row.train_a} $-$ {row.train_b}"] + common[3:6]
+                   + [_marked(difference, row.complete, True)] + common[7:])
     columns = ["upstream", "test", "train A − train B", "seed", "F1 A", "F1 B", "difference", "CI", "p", "p (Holm)"]
     cells = pd.DataFrame(md, columns=columns).set_index("upstream")
     latex = _escaped_index(pd.DataFrame(tex, columns=columns).set_index("upstream"))
     latex.columns = [c.replace("−", "$-$") for c in latex.columns]
     unit = "speakers" if report.settings.by_speaker else "clips"
-    return Table("paired_tests", "Paired bootstrap tests between training label sets on each test set", cells, latex,
+    title = "Paired bootstrap tests between training label sets on each test set"
+    partial = ("†: either side was built from runs on part of the corpus (see the cells of Tables III-IV): "
+               "not comparable with the full corpus.",) if not frame["complete"].all() else ()
+    return Table("paired_tests", title + (TITLE_MARK if partial else ""), cells, latex,
                  frame, (f"difference = macro-F1(A) − macro-F1(B) on the clips both score, {report.settings.num_bootstraps} "
                          f"paired resamples of {unit}; p two-sided; Holm adjusts over the pairs of one upstream, "
-                         "test set and seed.",))
+                         "test set and seed.",) + partial)
 
 
 # --- writers ------------------------------------------------------------------------------------
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "$": r"\$"}
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "$": r"\$", "†": LATEX_MARK}
 
 
 def latex_escape(text: str) -> str:

@@ -1,14 +1,17 @@
 """Writing a report: every table, figure and data file, then the ``index.md`` that links them.
 
 The data files are ``scores.csv`` (every pooled scoring: per seed, with its interval), ``fold_scores.csv``
-(the per-fold macro-F1, beside the one stored in each results JSON) and ``missing_runs.csv``;
-``index.md`` also states the scoring settings and lists the missing runs and the report's notes.
+(the per-fold macro-F1, beside the one stored in each results JSON), ``missing_runs.csv`` and
+``incomplete_runs.csv`` (runs on part of the corpus); ``index.md`` also states the scoring settings, how many
+runs were incomplete (every number built from them carries †), and lists the missing runs and the notes.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import pandas as pd
 
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import write_csv_atomic, write_text_atomic
@@ -36,6 +39,14 @@ def _index(report: Report, out: Path, tables: list, figures: dict, extra: list) 
         f"predictions binarised at softmax > 1/6; {100 - settings.alpha:g}% percentile bootstrap, "
         f"{settings.num_bootstraps} resamples of {'speakers' if settings.by_speaker else 'clips'}, seed {settings.seed}",
     ]
+    incomplete = report.incomplete_runs()
+    if incomplete:
+        first = incomplete[0]
+        lines.append(f"- **† incomplete runs: {len(incomplete)} of {len(study.runs)}** used part of the corpus (e.g. "
+                     f"{first.system} / {first.train_stimulus} / fold {first.fold}: {len(first.probs):,} of the "
+                     f"{first.partition_clips:,} test clips scored, or part of a training split): every number, table "
+                     "and figure built from them is marked †; not comparable with the full corpus (all listed in "
+                     "incomplete_runs.csv)")
     if any(n > 1 for n in n_seeds.values()):
         lines.append("- several seeds: " + ", ".join(f"{s}: {n}" for s, n in n_seeds.items())
                      + "; each seed is scored on its own and tables show mean ± sample std over seeds")
@@ -74,19 +85,26 @@ def write_report(report: Report, out_dir: str | os.PathLike, decimals: int = 3) 
     written = [(t, write_table(t, out)) for t in tables]
     figures = {}
     for system in report.ranking():
-        paths = figure_layer_weights(report, system, out)
+        caption, paths = figure_layer_weights(report, system, out)
         if paths:
-            figures[f"Fig. 2: layer weights, {system}"] = paths
-    figures[f"Cross-testing heatmap, {report.chosen}"] = figure_heatmap(report, out)
-    figures[f"Per-class F1, {report.chosen}"] = figure_per_class(report, out)
+            figures[caption] = paths
+    for caption, paths in (figure_heatmap(report, out), figure_per_class(report, out)):
+        figures[caption] = paths
     extra = []
     for name, frame in (("scores.csv", report.pooled), ("fold_scores.csv", report.per_fold),
-                        ("missing_runs.csv", report.study.missing)):
+                        ("missing_runs.csv", report.study.missing), ("incomplete_runs.csv", _incomplete_frame(report))):
         write_csv_atomic(out / name, frame, float_format="%.6f")
         extra.append(out / name)
     index = out / "index.md"
     write_text_atomic(index, _index(report, out, written, figures, extra))
     return index
+
+
+def _incomplete_frame(report: Report) -> pd.DataFrame:
+    rows = [(r.system, r.train_stimulus, r.fold, r.seed, len(r.probs), r.partition_clips, str(r.results_file))
+            for r in report.incomplete_runs()]
+    return pd.DataFrame(rows, columns=["system", "train_stimulus", "fold", "seed", "n_clips", "partition_clips",
+                                       "results_file"])
 
 
 def make_report(results_dir, out_dir, *, decimals: int = 3, **kwargs) -> Report:

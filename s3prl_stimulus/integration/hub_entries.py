@@ -1,0 +1,57 @@
+"""Which S3PRL 0.4.18 hub entries read ``-k`` (``upstream_ckpt``) and which drop it.
+
+S3PRL passes ``-k`` to the hub function as ``ckpt``. The entries of the paper's pretrained models
+(``wavlm_large``, ``xls_r_1b``, ...) overwrite ``kwargs["ckpt"]`` with their own download URL, and the
+waveform features (``fbank``, ...) have no weights at all, so ``-u wavlm_large -k /models/wavlm.pt``
+silently downloads (or fails offline mid-run) instead of reading the file. A local file is read by its
+model family's local entry, which :data:`LOCAL_ENTRY` names for each of the paper's upstreams. Both
+tables were read from the ``hubconf.py`` files of S3PRL 0.4.18's upstreams (``tests/test_compat.py``
+checks them against the installed S3PRL): e.g. ``vq_apc`` is ``apc_url`` with another URL, so its file is
+read by ``apc_local``; ``modified_cpc`` lives in ``upstream/cpc`` and its file is read by ``cpc_local``.
+
+Standard library only: the launcher consults it before S3PRL is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+LOCAL_ENTRY = {
+    "wavlm_large": "wavlm_local",
+    "xls_r_1b": "wav2vec2_local",
+    "wav2vec2_large_ll60k": "wav2vec2_local",
+    "wav2vec2_large_lv60_cv_swbd_fsh": "wav2vec2_local",
+    "hubert_large_ll60k": "hubert_local",
+    "data2vec_large_ll60k": "data2vec_local",
+    "decoar2": "decoar2_local",
+    "wav2vec": "wav2vec_local",
+    "apc": "apc_local",
+    "vq_apc": "apc_local",
+    "tera": "tera_local",
+    "mockingjay": "mockingjay_local",
+    "npc": "npc_local",
+    "modified_cpc": "cpc_local",
+}
+"""The paper's pretrained upstreams (S3PRL names) -> the hub entry that loads the same model from ``-k FILE``."""
+
+WAVEFORM_FEATURES = frozenset({"fbank", "fbank_no_cmvn", "mel", "mfcc", "linear", "spectrogram"})
+"""Upstreams computed from the waveform alone: no weights, nothing to download, ``-k`` unused."""
+
+IGNORES_CKPT = frozenset(LOCAL_ENTRY) | WAVEFORM_FEATURES
+"""Hub entries that drop ``-k``."""
+
+
+def local_entry(name: str) -> Optional[str]:
+    """The hub entry that reads ``name``'s model from a file, or None when this table does not know one."""
+    return LOCAL_ENTRY.get(name)
+
+
+def ignored_ckpt(name: str, ckpt: Optional[str]) -> Optional[str]:
+    """One line saying that ``-k ckpt`` will be ignored by hub entry ``name`` and what to run instead; None when
+    ``-k`` is absent or ``name`` reads it."""
+    if not ckpt or name not in IGNORES_CKPT:
+        return None
+    if name in WAVEFORM_FEATURES:
+        return f"-k {ckpt} is ignored: {name} is computed from the waveform and has no weights; drop -k"
+    return (f"-k {ckpt} is ignored: S3PRL's {name} always loads its own download ({name} replaces -k with its URL); "
+            f"to use the file, run -u {LOCAL_ENTRY[name]} -k {ckpt}")
