@@ -10,11 +10,13 @@ here, so their files are identical in form.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from s3prl_stimulus import CLASSES, metrics
+from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import write_csv_atomic, write_json_atomic
 from s3prl_stimulus.labels import FoldLabels
 from s3prl_stimulus.partition import speakers_of, split_clips
@@ -51,6 +53,44 @@ def coverage(fold: int, split: str, scored, trained) -> dict:
     partition = split_clips(fold, split)
     complete = set(scored) >= set(partition) and set(trained) >= set(split_clips(fold, "train"))
     return {"partition_clips": len(partition), "complete": bool(complete)}
+
+
+SUM_TOLERANCE = 1e-3
+"""How far from 1 the six probabilities of a predictions row may sum.
+
+The paper's rule is a class's *share* of the prediction exceeding 1/C, so a row must be a distribution.
+Both training paths write float64 softmax outputs (sums off by ~1e-16, and the CSV round-trips them);
+float32 softmax outputs are off by ~1e-6, and rows rounded to 4 or more decimals by at most
+6 x 0.5e-4 = 3e-4. Anything further off (e.g. probabilities scaled x3 and capped at 1) is refused."""
+
+
+def checked_probabilities(frame: pd.DataFrame, where: Callable[[int], str], fix: str,
+                          normalise: bool = False) -> tuple[np.ndarray, int]:
+    """The class columns of ``frame`` as float64 rows that are each a distribution over the classes,
+    and how many rows were further than :data:`SUM_TOLERANCE` from summing to 1.
+
+    Refuses (``StimulusError("<where(row)>: <what>; <fix>")``) a value that is not a number in [0, 1] and,
+    unless ``normalise``, a row that does not sum to 1. With ``normalise`` every row is divided by its sum
+    (a row of zeros is refused). ``score`` and ``report`` both read predictions through here.
+    """
+    probs = frame[list(CLASSES)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        value = frame[CLASSES[col]].iloc[row]
+        raise StimulusError(f"{where(row)}: {CLASSES[col]} = {value} is not a probability in [0, 1]; {fix}")
+    sums = probs.sum(axis=1)
+    off = np.abs(sums - 1.0) > SUM_TOLERANCE
+    if normalise:
+        if (sums == 0).any():
+            row = int(np.flatnonzero(sums == 0)[0])
+            raise StimulusError(f"{where(row)}: every probability is 0, so the row cannot be normalised; {fix}")
+        return probs / sums[:, None], int(off.sum())
+    if off.any():
+        row = int(np.flatnonzero(off)[0])
+        raise StimulusError(f"{where(row)}: the probabilities sum to {sums[row]:.6g}, not 1 (tolerance "
+                            f"{SUM_TOLERANCE:g}; {int(off.sum())} row(s) in all); {fix}")
+    return probs, 0
 
 
 def predictions_frame(clips: list, probs: np.ndarray, fold_labels: FoldLabels, test_stimuli) -> pd.DataFrame:

@@ -261,6 +261,7 @@ def build_expert(workspace, expdir, config, init_ckpt=None, upstream_dim=8):
         ({"votes": "nowhere.csv"}, "votes source 'nowhere.csv' is neither"),
         ({"normalisation": "peak"}, "unknown config.downstream_expert.datarc.normalisation='peak'"),
         ({"train_stimuli": "face"}, "unknown key(s) ['train_stimuli']"),
+        ({"upstream_label": ""}, "datarc.upstream_label='' must be a name"),
     ],
 )
 def test_bad_configuration_is_a_one_line_error_before_anything_is_written(workspace, tmp_path, datarc, fragment):
@@ -340,6 +341,23 @@ def test_dev_best_by_macro_f1_switch(workspace, tmp_path):
     _, ci = metrics.bootstrap_ci(metrics.macro_f1, truth, metrics.binarize(frame[list(CLASSES)].to_numpy()),
                                  conditions=frame["speaker"].to_numpy(), num_bootstraps=10)
     assert score["ci95"] == list(ci)
+
+
+@pytest.mark.parametrize("label, shown", [("mine", "mine"), (None, "fbank"), ("absent", "fbank")])
+def test_results_carry_the_upstream_label(workspace, tmp_path, label, shown):
+    """The recipe's LABEL (datarc.upstream_label) names the runs in the report; configs saved before the key
+    existed (absent) still load."""
+    config = expert_config(workspace, upstream_label=label)
+    if label == "absent":
+        del config["datarc"]["upstream_label"]
+    config["evalrc"].update(bootstrap_samples=10)
+    expert = build_expert(workspace, tmp_path, config)
+    records = defaultdict(list)
+    with torch.no_grad():
+        for wavs, targets, clips in expert.get_dataloader("test"):
+            expert("test", [torch.randn(3, 8) for _ in wavs], targets, clips, records=records)
+    expert.log_records("test", records=records, logger=Logger(), global_step=2)
+    assert results(tmp_path, "test", "step-2")["upstream_label"] == shown
 
 
 @pytest.fixture()

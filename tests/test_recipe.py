@@ -94,7 +94,7 @@ def test_the_grids_own_options_cannot_be_overridden():
     assert recipe.check_override(" config.runner.total_steps=2 ,,config.optimizer.lr=1e-3") == \
         "config.runner.total_steps=2,,config.optimizer.lr=1e-3"
     for option in ("config.downstream_expert.datarc.fold=2", "config.downstream_expert.datarc.audio_dir='/x'",
-                   "args.seed=3", "args.expdir='/x'"):
+                   "config.downstream_expert.datarc.upstream_label='x'", "args.seed=3", "args.expdir='/x'"):
         with pytest.raises(StimulusError, match="recipe sets it"):
             recipe.check_override(option)
     with pytest.raises(StimulusError, match="one '='"):
@@ -280,7 +280,7 @@ def test_stages_skip_finished_runs_and_a_failing_upstream_does_not_stop_the_othe
 
 
 def test_commands_carry_the_grid_and_an_interrupted_run_resumes_with_dash_a(tmp_path, fake):
-    settings = settings_for(tmp_path / "exp", upstreams=("fbank", f"wavlm_local:{tmp_path / 'w.pt'}"),
+    settings = settings_for(tmp_path / "exp", upstreams=("fbank", f"mine=wavlm_local:{tmp_path / 'w.pt'}"),
                             folds=(3,), seeds=(7,), python=fake.path, override="config.runner.total_steps=2",
                             votes="crema-d", clips="present")
     (tmp_path / "w.pt").write_bytes(b"")
@@ -296,8 +296,9 @@ def test_commands_carry_the_grid_and_an_interrupted_run_resumes_with_dash_a(tmp_
     datarc = "config.downstream_expert.datarc"
     assert {k: eval(v) for k, v in options.items()} == {
         f"{datarc}.audio_dir": str(settings.corpus), f"{datarc}.fold": 3, f"{datarc}.train_stimulus": "voice",
-        f"{datarc}.votes": "crema-d", f"{datarc}.clips": "present", "args.expdir": str(interrupted),
-        "config.runner.total_steps": 2}
+        f"{datarc}.votes": "crema-d", f"{datarc}.clips": "present", f"{datarc}.upstream_label": "mine",
+        "args.expdir": str(interrupted), "config.runner.total_steps": 2}
+    assert interrupted.parts[-4] == "mine"  # the label names the directory and travels into the results
     assert json.loads((interrupted / recipe.TRAINED_MARKER).read_text())["command"] == [str(fake.path), *resumed]
 
 

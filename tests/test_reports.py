@@ -39,7 +39,10 @@ def fold_clips(fold: int) -> list:
 
 def write_run(root: Path, votes, upstream: str, train: str, fold: int, seed: int = 0, drop_tests=(),
               votes_name: str = "paper", drop_clips: int = 0, extra: dict | None = None, path: str | None = None,
-              whole_split: bool = False) -> Path:
+              whole_split: bool = False, coverage: bool = True) -> Path:
+    """One run's three files. By default it predicts CLIPS_PER_FOLD of the fold's test clips, as a run on part
+    of the corpus does, and says so (``"complete": false``); ``coverage=False`` writes results as they were
+    before that field existed."""
     default_path, strength, layers = UPSTREAMS[upstream]
     path = path or default_path
     rng = np.random.default_rng([fold, seed, STIMULI.index(train), layers])
@@ -58,9 +61,11 @@ def write_run(root: Path, votes, upstream: str, train: str, fold: int, seed: int
     frame.to_csv(run_dir / "predictions-test-dev-best.csv", index=False)
     scores = {t: {"macro_f1": macro_f1(frame[[f"{t}_{c}" for c in CLASSES]].to_numpy(), binarize(probs)),
                   "ci95": [0, 1], "per_class_f1": {}, "loss": 0.0, "n_clips": len(clips)} for t in tests}
+    n_split = len(split_clips(fold, "test"))
+    covered = {"partition_clips": n_split, "complete": len(clips) == n_split} if coverage else {}
     results = {"schema": 1, "path": path, "upstream": upstream, "fold": fold, "train_stimulus": train,
                "votes": votes_name, "seed": seed, "step": 100, "checkpoint": "dev-best.ckpt", "split": "test",
-               "n_clips": len(clips), "test_stimuli": scores, **(extra or {})}
+               "n_clips": len(clips), "test_stimuli": scores, **covered, **(extra or {})}
     (run_dir / "results-test-dev-best.json").write_text(json.dumps(results))
     weights = rng.dirichlet(np.ones(layers) * 2).tolist() if layers > 1 else [1.0]
     (run_dir / "layer_weights.json").write_text(json.dumps(
@@ -294,7 +299,7 @@ def test_bad_trees_are_one_line_errors(tmp_path, votes):
 def test_numbers_from_runs_on_part_of_the_corpus_are_marked_everywhere(tmp_path, votes):
     for fold in FOLDS:
         # results written before partition_clips/complete existed: judged by their predictions' clips
-        write_run(tmp_path, votes, "wavlm_local", "voice", fold, whole_split=True)
+        write_run(tmp_path, votes, "wavlm_local", "voice", fold, whole_split=True, coverage=False)
         # every test clip scored, but the JSON says the run trained on part of the corpus
         write_run(tmp_path, votes, "wavlm_local", "face", fold, whole_split=True,
                   extra={"partition_clips": len(split_clips(fold, "test")), "complete": fold != 3})
@@ -328,3 +333,94 @@ def test_numbers_from_runs_on_part_of_the_corpus_are_marked_everywhere(tmp_path,
     run_dir = write_run(tmp_path / "bad", votes, "fbank", "voice", 1, extra={"complete": "yes"})
     with pytest.raises(StimulusError, match=f"{run_dir}.*complete 'yes' is not true or false"):
         build_report(tmp_path / "bad")
+
+
+# --- issue 9: every number the report writes comes from verified inputs ----------------------------
+
+
+def report_error(root: Path, tmp_path: Path) -> str:
+    """The report's one-line error for ``root``; nothing is written."""
+    out = tmp_path / "out"
+    with pytest.raises(StimulusError) as error:
+        build_report(root, settings=ScoreSettings(num_bootstraps=10))
+    assert cli.main(["report", str(root), "--out", str(out), "--bootstraps", "10"]) == 2 and not out.exists()
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def rewrite_results(run_dir: Path, **changes) -> None:
+    path = run_dir / "results-test-dev-best.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del meta[key]
+    path.write_text(json.dumps(meta))
+
+
+def test_predictions_must_hold_exactly_the_clips_the_results_json_names(tmp_path, votes):
+    predictions = "predictions-test-dev-best.csv"
+    truncated = write_run(tmp_path / "truncated", votes, "fbank", "voice", 1)
+    csv = truncated / predictions
+    csv.write_text("\n".join(csv.read_text().splitlines()[:6]) + "\n")  # header + 5 rows
+    assert f"{csv}: holds 5 clip(s) but its results JSON says n_clips {CLIPS_PER_FOLD}" in report_error(
+        tmp_path / "truncated", tmp_path)
+
+    n_split = len(split_clips(1, "test"))
+    old = write_run(tmp_path / "old", votes, "fbank", "voice", 1, coverage=False)  # no "complete": whole split
+    message = report_error(tmp_path / "old", tmp_path)
+    assert f"{old / predictions}: holds {CLIPS_PER_FOLD} of fold 1's {n_split} test clips" in message
+    assert "does not say the run used part of the corpus" in message
+
+    said = write_run(tmp_path / "said", votes, "fbank", "voice", 1, extra={"complete": True})
+    assert f"{said / predictions}: holds {CLIPS_PER_FOLD} of fold 1's {n_split} test clips" in report_error(
+        tmp_path / "said", tmp_path)
+
+    other = write_run(tmp_path / "other", votes, "fbank", "voice", 1, extra={"partition_clips": n_split + 1})
+    assert f"{other / 'results-test-dev-best.json'}: partition_clips {n_split + 1}, but fold 1's test split has " \
+           f"{n_split} clips" in report_error(tmp_path / "other", tmp_path)
+
+    whole = write_run(tmp_path / "whole", votes, "fbank", "voice", 1, whole_split=True, coverage=False)
+    partial = write_run(tmp_path / "whole", votes, "fbank", "voice", 2)
+    report = build_report(tmp_path / "whole", settings=ScoreSettings(num_bootstraps=10))
+    assert {r.fold: len(r.probs) for r in report.study.runs} == {1: n_split, 2: CLIPS_PER_FOLD}
+    assert any("1 run(s) used part of the corpus" in n and str(partial) in n for n in report.notes)
+    assert not any(str(whole) in n for n in report.notes)
+
+
+def test_a_stored_macro_f1_that_differs_from_the_predictions_is_an_error(tmp_path, votes):
+    run_dir = write_run(tmp_path / "a", votes, "fbank", "voice", 1)
+    stored = json.loads((run_dir / "results-test-dev-best.json").read_text())["test_stimuli"]
+    rewrite_results(run_dir, test_stimuli={**stored, "face": {**stored["face"],
+                                                              "macro_f1": stored["face"]["macro_f1"] + 1e-5}})
+    message = report_error(tmp_path / "a", tmp_path)
+    assert message.startswith(f"{run_dir / 'results-test-dev-best.json'}: stored face macro-F1")
+    assert "recomputed from predictions-test-dev-best.csv" in message
+    rewrite_results(run_dir, test_stimuli={**stored, "face": {**stored["face"],
+                                                              "macro_f1": stored["face"]["macro_f1"] + 1e-9}})
+    assert build_report(tmp_path / "a", settings=ScoreSettings(num_bootstraps=10)).study.runs  # rounding passes
+
+
+def test_the_report_refuses_predictions_that_are_not_distributions(tmp_path, votes):
+    run_dir = write_run(tmp_path / "a", votes, "fbank", "voice", 1)
+    frame = pd.read_csv(run_dir / "predictions-test-dev-best.csv")
+    frame[list(CLASSES)] = np.minimum(3 * frame[list(CLASSES)], 1.0)  # in [0, 1], but no longer shares
+    frame.to_csv(run_dir / "predictions-test-dev-best.csv", index=False)
+    message = report_error(tmp_path / "a", tmp_path)
+    assert message.startswith(f"{run_dir / 'predictions-test-dev-best.csv'}, line 2 (clip {fold_clips(1)[0]}): "
+                              "the probabilities sum to")
+
+
+def test_systems_are_named_by_their_label(tmp_path, votes):
+    same = {"upstream_ckpt": "/ckpt/tiny.pt"}
+    write_run(tmp_path / "a", votes, "wavlm_local", "voice", 1, extra={**same, "upstream_label": "small"})
+    write_run(tmp_path / "b", votes, "wavlm_local", "voice", 1, extra={**same, "upstream_label": "also_small"})
+    write_run(tmp_path / "c", votes, "wavlm_local", "voice", 1, extra={"upstream_ckpt": "/ckpt/tiny_c.pt",
+                                                                        "upstream_label": "mine"})
+    write_run(tmp_path / "d", votes, "fbank", "voice", 1)  # no label (older results): named by its upstream
+    report = build_report(tmp_path, settings=ScoreSettings(num_bootstraps=10))
+    assert sorted(report.study.systems) == ["also_small", "fbank", "mine", "small"]
+    pooled = {(r.system, r.fold): r.results_file for r in report.study.runs}
+    assert pooled[("small", 1)].is_relative_to(tmp_path / "a") and pooled[("mine", 1)].is_relative_to(tmp_path / "c")
+
+    write_run(tmp_path / "e", votes, "fbank", "voice", 2, extra={"upstream_label": "mine"})
+    assert "label 'mine' names runs of upstream wavlm_local" in report_error(tmp_path, tmp_path)

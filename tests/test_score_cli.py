@@ -13,6 +13,7 @@ from s3prl_stimulus.cli import main
 from s3prl_stimulus.labels import binary_labels, distribution, load_votes
 from s3prl_stimulus.metrics import bootstrap_ci, class_f1, macro_f1
 from s3prl_stimulus.partition import speakers_of, split_clips
+from s3prl_stimulus.results import SUM_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,40 @@ def test_bad_predictions_files(tmp_path, capsys, fold1):
     assert "--bootstraps -1" in error_of(capsys, tmp_path / "ok.csv", "--test-stimulus", "voice", "--bootstraps", "-1")
     (tmp_path / "empty.csv").write_text("clip," + ",".join(CLASSES) + "\n")
     assert "no rows" in error_of(capsys, tmp_path / "empty.csv", *run)
+
+
+def test_rows_that_are_not_distributions_are_refused_unless_normalised(tmp_path, capsys, fold1):
+    """Probabilities x3, capped at 1, stay in [0, 1] but are no longer each class's share of the prediction."""
+    inflated = np.minimum(3 * noisy_probs(fold1.counts("voice"), seed=2), 1.0)
+    path = write_predictions(tmp_path / "x3.csv", fold1.clips, inflated)
+    run = ["--test-stimulus", "voice", "--bootstraps", "0"]
+    message = error_of(capsys, path, *run)
+    assert f"x3.csv, line 2 (clip {fold1.clips[0]}): the probabilities sum to {inflated[0].sum():.6g}, not 1" in message
+    assert f"{len(fold1)} row(s) in all" in message and "--normalise" in message
+
+    result = score_json(capsys, path, *run, "--normalise")
+    y_true = binary_labels(fold1.counts("voice"))
+    shares = inflated / inflated.sum(axis=1, keepdims=True)
+    assert result["macro_f1"] == macro_f1(y_true, (shares > 1 / 6).astype(int))
+    assert result["macro_f1"] != macro_f1(y_true, (inflated > 1 / 6).astype(int))  # what the raw rows would score
+    assert (result["normalise"], result["rows_off_sum"], result["sum_tolerance"]) == (True, len(fold1), SUM_TOLERANCE)
+    assert main(["score", str(path), *run, "--normalise"]) == 0
+    assert f"rows normalised to sum 1, {len(fold1)} of them off by > {SUM_TOLERANCE:g}" in capsys.readouterr().out
+
+    zeros = write_predictions(tmp_path / "zeros.csv", fold1.clips[:3], np.zeros((3, 6)))
+    assert "zeros.csv, line 2" in (msg := error_of(capsys, zeros, *run, "--normalise")) and "cannot be normalised" in msg
+
+
+def test_the_sum_tolerance_accepts_rounded_float32_softmax_and_no_more(tmp_path, capsys, fold1):
+    logits = np.random.default_rng(4).normal(0, 2, (len(fold1), 6)).astype(np.float32)
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True, dtype=np.float32)
+    rounded = write_predictions(tmp_path / "rounded.csv", fold1.clips, np.round(softmax, 4))
+    result = score_json(capsys, rounded, "--test-stimulus", "voice", "--bootstraps", "0")
+    assert (result["normalise"], result["rows_off_sum"]) == (False, 0)
+    assert np.abs(np.round(softmax, 4).sum(axis=1) - 1).max() > 1e-5  # rounding did move the sums
+
+    edge = np.full((2, 6), 1 / 6)
+    edge[0, 0] += 0.9 * SUM_TOLERANCE
+    edge[1, 0] += 1.1 * SUM_TOLERANCE
+    path = write_predictions(tmp_path / "edge.csv", fold1.clips[:2], edge)
+    assert "edge.csv, line 3" in error_of(capsys, path, "--test-stimulus", "voice", "--bootstraps", "0")

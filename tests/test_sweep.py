@@ -156,8 +156,9 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     directory = run_files(tmp_path, "face", 1, 4)
     result = json.loads((directory / "results-test-dev-best.json").read_text())
     assert list(result) == ["schema", "path", "upstream", "upstream_ckpt", "fold", "train_stimulus", "votes", "seed", "step",
-                            "checkpoint", "split", "upstream_identity", "n_clips", "partition_clips", "complete",
-                            "test_stimuli"]
+                            "checkpoint", "split", "upstream_label", "upstream_identity", "n_clips", "partition_clips",
+                            "complete", "test_stimuli"]
+    assert result["upstream_label"] == "synthetic"  # no --name: the cache's name, as the directory
     assert result["upstream_identity"] == {"upstream": "synthetic", "upstream_ckpt": None, "weights_sha256": "0" * 64,
                                            "verified": True, "reason": None}
     # 8 of the fold's test clips in the synthetic caches: the JSON says the run is not the full corpus
@@ -176,7 +177,8 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     assert list(history["step"]) == [4, 8, 12]
     assert history.set_index("step")["dev_loss"].idxmin() == result["step"]  # dev-best = lowest dev loss
     # the dev-best checkpoint scores back to the same predictions through evaluate_checkpoint
-    again, _ = sweeping.evaluate_checkpoint([root / "caches"], directory / "dev-best.ckpt", device="cpu")
+    again, scored = sweeping.evaluate_checkpoint([root / "caches"], directory / "dev-best.ckpt", device="cpu")
+    assert scored["upstream_label"] == "synthetic"
     np.testing.assert_allclose(again[list(CLASSES)].to_numpy(), frame[list(CLASSES)].to_numpy(), atol=1e-12)
     # summary: runs x test stimuli; seed statistics recomputed from it
     assert len(long) == 2 * 2 * 4 and set(long["seed"]) == {3, 4}
@@ -241,12 +243,15 @@ def test_cli_runs_the_grid_and_reports_errors_in_one_line(grid_data, tmp_path, c
 
     root, _, _ = grid_data
     code = main(["sweep", "--cache", str(root / "caches"), "--out", str(tmp_path), "--folds", "2", "--seeds", "1", "2",
-                 "--train-stimuli", "av", "-o", OVERRIDE, "--device", "cpu", "--no-progress", "--format", "csv", "--all-steps"])
+                 "--train-stimuli", "av", "-o", OVERRIDE, "--device", "cpu", "--no-progress", "--format", "csv", "--all-steps",
+                 "--name", "mine"])
     out, err = capsys.readouterr()
     assert code == 0 and "2 runs written" in out and "av," in out
     assert " †" in out and "†: built from runs on part of the corpus" in err  # fold 2: 8 of its 1,470 test clips
-    directory = run_files(tmp_path, "av", 2, 2)
-    assert (directory / "results-test-dev-best.json").is_file()
+    directory = tmp_path / "mine" / "av" / "fold2" / "seed2"
+    assert json.loads((directory / "results-test-dev-best.json").read_text())["upstream_label"] == "mine"
+    saved = sweep_outputs.read_checkpoint(directory / "dev-best.ckpt")  # S3PRL's -e of it keeps the label
+    assert saved["Config"]["downstream_expert"]["datarc"]["upstream_label"] == "mine"
     for step in (4, 8, 12):  # --all-steps: the S3PRL path's per-evaluation files too
         result = json.loads((directory / f"results-dev-step-{step}.json").read_text())
         assert (result["step"], result["split"], result["checkpoint"]) == (step, "dev", None)

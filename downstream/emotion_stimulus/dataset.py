@@ -27,6 +27,8 @@ DATARC_KEYS = (
     "audio_dir", "votes", "fold", "train_stimulus", "test_stimuli", "smoothing", "normalisation",
     "max_seconds", "clips", "train_batch_size", "eval_batch_size", "num_workers",
 )
+OPTIONAL_DATARC_KEYS = ("upstream_label",)
+"""May be absent: checkpoints saved before the key existed carry configs without it (it changes no number)."""
 NORMALISATIONS = ("train_mean_std", "none")
 STATS_FILE = "waveform_stats.json"
 NOTE = "[emotion_stimulus]"
@@ -55,10 +57,11 @@ class DataConfig:
     train_batch_size: int
     eval_batch_size: int
     num_workers: int
+    upstream_label: str | None = None
 
     @classmethod
     def parse(cls, datarc: dict) -> "DataConfig":
-        _check_keys("datarc", datarc, DATARC_KEYS)
+        _check_keys("datarc", datarc, DATARC_KEYS, OPTIONAL_DATARC_KEYS)
         test_stimuli = datarc["test_stimuli"]
         if isinstance(test_stimuli, str):
             test_stimuli = [s.strip() for s in test_stimuli.split(",") if s.strip()]
@@ -80,16 +83,26 @@ class DataConfig:
             train_batch_size=_positive(datarc, "train_batch_size"),
             eval_batch_size=_positive(datarc, "eval_batch_size"),
             num_workers=_positive(datarc, "num_workers", minimum=0),
+            upstream_label=_label(datarc.get("upstream_label")),
         )
 
 
-def _check_keys(section: str, given: dict, known: tuple) -> None:
+def _check_keys(section: str, given: dict, known: tuple, optional: tuple = ()) -> None:
     """Unknown keys (typos in -o) and missing ones are errors: nothing silently keeps a default."""
-    unknown, missing = sorted(set(given) - set(known)), [k for k in known if k not in given]
+    unknown, missing = sorted(set(given) - set(known) - set(optional)), [k for k in known if k not in given]
     problems = ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"no {missing}"] if missing else [])
     if problems:
-        raise StimulusError(f"downstream_expert.{section} has {' and '.join(problems)}: its keys are {', '.join(known)} "
-                            "(see the packaged downstream/emotion_stimulus/config.yaml)")
+        raise StimulusError(f"downstream_expert.{section} has {' and '.join(problems)}: its keys are "
+                            f"{', '.join(known + optional)} (see the packaged downstream/emotion_stimulus/config.yaml)")
+
+
+def _label(value) -> str | None:
+    """``upstream_label``: the name the report shows the runs under (null: the upstream's name)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise StimulusError(f"{_option('upstream_label')}={value!r} must be a name such as 'mine', or null")
+    return value.strip()
 
 
 def _max_seconds(value) -> float | None:

@@ -183,6 +183,7 @@ class DownstreamExpert(nn.Module):
             "fold": self.config.fold, "train_stimulus": self.config.train_stimulus, "votes": self.config.votes,
             "seed": self.args["seed"], "step": step,
             "checkpoint": None if self.checkpoint is None else str(self.args["init_ckpt"]), "split": split,
+            "upstream_label": self.config.upstream_label or self.args["upstream"],
         } | {"upstream_identity": self.identity_now().record()}
 
     def _write_layer_weights(self, tag: str, step: int) -> None:

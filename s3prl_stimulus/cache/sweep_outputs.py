@@ -42,6 +42,7 @@ class SweepContext:
     evalrc: dict
     feature_normalize: bool = False
     identity: Optional[UpstreamIdentity] = None  # default: the cache's upstream, verified
+    label: str = ""  # "upstream_label" of the results: the name the report shows these runs under
 
     def __post_init__(self):
         if self.identity is None:
@@ -61,6 +62,7 @@ def metadata(context: SweepContext, run: Run, split: str, step: int, checkpoint:
         "schema": 1, "path": "cache", "upstream": context.manifest["upstream"]["name"],
         "upstream_ckpt": context.manifest.get("upstream_ckpt"), "fold": run.fold, "train_stimulus": run.train_stimulus,
         "votes": str(datarc["votes"]), "seed": run.seed, "step": step, "checkpoint": checkpoint, "split": split,
+        "upstream_label": context.label or context.manifest["upstream"]["name"],
     } | {"upstream_identity": context.identity.record()}
 
 
@@ -103,7 +105,8 @@ def write_checkpoint(context: SweepContext, grid: Grid, best_state, r: int, step
                   **head_state, "best_dev_loss": torch.tensor(best_loss), "best_dev_macro_f1": torch.tensor(best_f1),
                   EXTRA_STATE_KEY: checkpoint_state(context.identity)}  # where the S3PRL expert keeps its identity
     config = copy.deepcopy(context.config)
-    config["downstream_expert"]["datarc"].update(fold=run.fold, train_stimulus=run.train_stimulus)
+    config["downstream_expert"]["datarc"].update(fold=run.fold, train_stimulus=run.train_stimulus,
+                                                 upstream_label=context.label or None)  # S3PRL's -e keeps the label
     args = argparse.Namespace(downstream=DOWNSTREAM, upstream=context.manifest["upstream"]["name"],
                               upstream_ckpt=context.manifest.get("upstream_ckpt"), seed=run.seed,
                               upstream_feature_normalize=context.feature_normalize, path="cache")

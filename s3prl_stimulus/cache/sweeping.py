@@ -146,8 +146,9 @@ def sweep(cache_paths: Sequence, out, train_stimuli=STIMULI, folds=(1, 2, 3, 4, 
     result = train(prepared.head, prepared.grid, prepared.config, progress=progress, keep_steps=all_steps)
     upstream = prepared.manifest["upstream"]["name"]
     directory_name = name or prepared.manifest.get("name") or upstream
+    label = str(prepared.config["downstream_expert"]["datarc"].get("upstream_label") or directory_name)
     context = SweepContext(Path(out), directory_name, prepared.manifest, prepared.config, prepared.test_stimuli,
-                           prepared.evalrc, feature_normalize, prepared.identity)
+                           prepared.evalrc, feature_normalize, prepared.identity, label)
     rows = write_run_outputs(context, prepared.grid, result)
     if not rows:
         raise StimulusError("no run reached a dev-best checkpoint: check the cache for non-finite features")
@@ -192,8 +193,9 @@ def evaluate_checkpoint(cache_paths: Sequence, checkpoint, split: str = "test", 
                             f"{cache_upstream}: pass that upstream's cache")
     load_run_state(prepared.head, 0, saved.get("Featurizer"), saved["Downstream"])
     logits = evaluate_split(prepared.head, prepared.grid, split).logits[0]
+    label = str(datarc.get("upstream_label") or prepared.manifest.get("name") or cache_upstream)
     context = SweepContext(Path(out) if out else Path("."), "", prepared.manifest, prepared.config, prepared.test_stimuli,
-                           prepared.evalrc, feature_normalize, prepared.identity)
+                           prepared.evalrc, feature_normalize, prepared.identity, label)
     tag, step = Path(checkpoint).stem, int(saved.get("Step", 0))
     frame, result = score_evaluation(context, prepared.grid, 0, logits, split, step, str(checkpoint))
     if out:

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory walked for results-test-dev-best.json files (either training path)")
     parser.add_argument("--out", required=True, metavar="DIR", help="report directory (index.md, tables, figures)")
     parser.add_argument("--upstream", default=None,
-                        help="upstream of Table IV and the single-upstream figures (default: the best in Table III)")
+                        help="system (label) of Table IV and the single-upstream figures (default: the best in Table III)")
     parser.add_argument("--votes", default=None, metavar="SOURCE",
                         help="only runs trained with this votes source (required when the tree mixes sources)")
     parser.add_argument("--path", default=None, choices=("s3prl", "cache"), help="only runs of this training path")

@@ -3,8 +3,10 @@
 The predictions CSV needs a ``clip`` column (CREMA-D names, with or without ``.wav``) and one
 probability column per class (angry, sad, disgust, fear, neutral, happy); other columns are ignored,
 so the package's own ``predictions-*.csv`` files score as they are. A prediction is positive iff its
-probability exceeds 1/C. Clips are scored in sorted name order, so the bootstrap (and its interval)
-does not depend on the file's row order.
+probability -- the class's share of the row -- exceeds 1/C, so every row must sum to 1 (within
+``results.SUM_TOLERANCE``); ``--normalise`` divides each row by its sum instead of refusing, and the output
+says so. Clips are scored in sorted name order, so the bootstrap (and its interval) does not depend on the
+file's row order.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.labels import Votes, binary_frame
 from s3prl_stimulus.metrics import binarize, summary
 from s3prl_stimulus.partition import check_fold, split_clips, speakers_of
+from s3prl_stimulus.results import SUM_TOLERANCE, checked_probabilities
 from s3prl_stimulus.tables import render
 
 
@@ -35,14 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--by-speaker", action="store_true",
                         help="resample speakers, then their clips (speaker-conditioned bootstrap)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap i uses RandomState(seed + i); 0 = the toolkit's")
+    parser.add_argument("--normalise", action="store_true",
+                        help=f"divide each row by its sum instead of refusing rows that do not sum to 1 "
+                             f"(within {SUM_TOLERANCE:g}); the output records it")
     add_format_argument(parser)
 
 
 # --- reading and checking predictions -----------------------------------------------------------
 
 
-def read_predictions(path: str | Path) -> pd.DataFrame:
-    """Probabilities indexed by clip (no ``.wav``), one float column per class, sorted by clip."""
+def read_predictions(path: str | Path, normalise: bool = False) -> tuple[pd.DataFrame, int]:
+    """Probabilities indexed by clip (no ``.wav``), one float column per class, sorted by clip; and how many
+    rows did not sum to 1 (only ever non-zero with ``normalise``, which rescales every row to sum 1)."""
     path = Path(path)
     frame = _read_csv(path)
     missing = [c for c in ("clip", *CLASSES) if c not in frame.columns]
@@ -51,10 +58,16 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
                             f"give clip plus one probability column per class ({', '.join(CLASSES)})")
     clips = frame["clip"].astype(str).str.strip().str.replace(r"\.wav$", "", regex=True)
     _check_duplicates(clips, path)
-    probs = frame[list(CLASSES)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    _check_probabilities(probs, frame, clips, path)
+    fix = "give each clip's softmax outputs (a row sums to 1)"
+    if not normalise:
+        fix += ", or pass --normalise to divide each row by its sum"
+
+    def where(row: int) -> str:
+        return f"predictions {path}, line {row + 2} (clip {clips.iloc[row]})"
+
+    probs, off_sum = checked_probabilities(frame, where, fix, normalise)
     table = pd.DataFrame(probs, index=pd.Index(clips.to_numpy(), name="clip"), columns=CLASSES)
-    return table.sort_index()
+    return table.sort_index(), off_sum
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -76,15 +89,6 @@ def _check_duplicates(clips: pd.Series, path: Path) -> None:
         first = int(np.flatnonzero((clips == clips.iloc[row]).to_numpy())[0])
         raise StimulusError(f"predictions {path}, line {row + 2}: clip {clips.iloc[row]} already appears on line "
                             f"{first + 2}; keep one row per clip")
-
-
-def _check_probabilities(probs: np.ndarray, frame: pd.DataFrame, clips: pd.Series, path: Path) -> None:
-    bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        value = frame[CLASSES[col]].iloc[row]
-        raise StimulusError(f"predictions {path}, line {row + 2} (clip {clips.iloc[row]}): {CLASSES[col]} = {value} "
-                            "is not a probability; give numbers in [0, 1] (softmax outputs)")
 
 
 def _check_known(clips: pd.Index, votes: Votes, path: Path) -> None:
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstraps < 0:
         raise StimulusError(f"--bootstraps {args.bootstraps}: give a number of resamples >= 0 (0 skips the CIs)")
     path = Path(args.predictions)
-    predictions = read_predictions(path)
+    predictions, off_sum = read_predictions(path, args.normalise)
     votes = votes_from_args(args)
     _check_known(predictions.index, votes, path)
     dropped = 0
@@ -140,11 +144,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: scored fold {args.fold}'s {result['n_clips']} Test clips; ignored {dropped} other rows", file=sys.stderr)
     meta = {"predictions": str(path), "test_stimulus": args.test_stimulus, "votes": str(args.votes),
             "fold": None if args.fold is None else check_fold(args.fold), "bootstraps": args.bootstraps,
-            "by_speaker": bool(args.by_speaker), "seed": args.seed}
+            "by_speaker": bool(args.by_speaker), "seed": args.seed, "normalise": bool(args.normalise),
+            "sum_tolerance": SUM_TOLERANCE, "rows_off_sum": off_sum}
     if args.format == "table":
         scope = f"fold {meta['fold']} Test, " if args.fold is not None else ""
         mode = "by speaker" if args.by_speaker else "by clip"
+        rows = f"; rows normalised to sum 1, {off_sum} of them off by > {SUM_TOLERANCE:g}" if args.normalise else ""
         print(f"{path.name} vs {args.test_stimulus} labels ({args.votes} votes; {scope}{result['n_clips']} clips; "
-              f"{args.bootstraps} bootstraps {mode}, seed {args.seed})")
+              f"{args.bootstraps} bootstraps {mode}, seed {args.seed}{rows})")
     print(render(_table(result), args.format, json_obj={**meta, **result}))
     return 0

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "weights is refused regardless")
     parser.add_argument("--all-steps", action="store_true",
                         help="also write predictions/results for every evaluation step (slow: bootstrap CIs each time)")
-    parser.add_argument("--name", help="directory name for the upstream under --out (default: the cache's upstream)")
+    parser.add_argument("--name", help="directory name for the upstream under --out, also the label its results carry "
+                                       "(upstream_label; default: extract's --name, else the upstream)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="summary table format (default: table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

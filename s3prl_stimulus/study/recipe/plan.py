@@ -97,14 +97,15 @@ def _override_string(settings: Settings, items: dict) -> str:
 
 
 def s3prl_overrides(settings: Settings, run: Run, expdir: Path) -> str:
-    """S3PRL ``-o`` for one run: the grid's datarc options, the expdir (a moved root still resumes in place),
-    then the user's extra options."""
+    """S3PRL ``-o`` for one run: the grid's datarc options (with the upstream's label, which its results carry),
+    the expdir (a moved root still resumes in place), then the user's extra options."""
     return _override_string(settings, {
         f"{DATARC}.audio_dir": _literal(settings.corpus),
         f"{DATARC}.fold": run.fold,
         f"{DATARC}.train_stimulus": _literal(run.train_stimulus),
         f"{DATARC}.votes": _literal(settings.votes),
         f"{DATARC}.clips": _literal(settings.clips),
+        f"{DATARC}.upstream_label": _literal(run.upstream.label),
         "args.expdir": _literal(expdir),
     })
 
@@ -152,6 +153,7 @@ def extract_command(settings: Settings, upstream: Upstream, folds: Sequence[int]
 
 
 def sweep_command(settings: Settings, upstream: Upstream, stimuli, folds, seeds) -> list[str]:
+    """``s3prl-stimulus sweep`` of one upstream's runs; its ``--name`` is the label the results carry."""
     override = _override_string(settings, {f"{DATARC}.clips": _literal(settings.clips)})
     return ([settings.python, "-m", "s3prl_stimulus", "sweep", "--cache", str(settings.features / upstream.label),
              "--out", str(settings.root / settings.path), "--name", upstream.label,

@@ -26,7 +26,7 @@ PAPER_UPSTREAMS = (
 DEFAULT_SEEDS = (1337,)
 """S3PRL's own default ``--seed``: one run per (upstream, stimulus, fold), as in the paper."""
 DATARC = "config.downstream_expert.datarc"
-RECIPE_OWNED_OPTIONS = ("audio_dir", "fold", "train_stimulus", "votes", "clips")
+RECIPE_OWNED_OPTIONS = ("audio_dir", "fold", "train_stimulus", "votes", "clips", "upstream_label")
 """datarc options the recipe sets for every run (use its own options to change them, not --override)."""
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -38,7 +38,8 @@ class Upstream:
     """One line of the upstream list: ``NAME``, ``NAME:CKPT`` or ``LABEL=NAME[:CKPT]``.
 
     ``name`` is S3PRL's ``-u``, ``ckpt`` its ``-k`` (a local file, made absolute, or a URL), ``label`` the
-    directory the runs go to (default: the name as listed). S3PRL's entries for the paper's upstreams drop
+    directory the runs go to and the name every results JSON carries as ``upstream_label``, which the report
+    shows them under (default: the name as listed). S3PRL's entries for the paper's upstreams drop
     ``-k`` (they load their own download), so one listed with a file runs as the hub entry that reads it:
     ``wavlm_large:/m/w.pt`` is ``-u wavlm_local -k /m/w.pt`` under ``wavlm_large/``
     (:data:`s3prl_stimulus.integration.hub_entries.LOCAL_ENTRY`).
@@ -175,7 +176,8 @@ def check_override(override: str) -> str:
         owned = [name for name in RECIPE_OWNED_OPTIONS if key == f"{DATARC}.{name}"]
         if owned or key in ("args.expdir", "args.seed", "args.upstream", "args.upstream_ckpt"):
             raise StimulusError(f"--override {key}: the recipe sets it for every run; use the recipe's own option "
-                                "(--corpus, --folds, --stimuli, --votes, --clips, --seeds, --upstreams, --root)")
+                                "(--corpus, --folds, --stimuli, --votes, --clips, --seeds, --upstreams [LABEL=], "
+                                "--root)")
     return ",,".join(options)
 
 

@@ -1,9 +1,10 @@
 """The report in memory: :func:`build_report` reads and scores every run; nothing is written.
 
 Besides the scores it loads Table II's agreement (:mod:`s3prl_stimulus.agreement`, for the runs' votes
-source; noted and left out when that source cannot be loaded), notes every results JSON whose stored
-macro-F1 differs from the one recomputed from its predictions CSV (the CSV wins), and chooses the
-upstream of Table IV and the single-upstream figures (``--upstream``, else the best in Table III).
+source; noted and left out when that source cannot be loaded) and chooses the upstream of Table IV and
+the single-upstream figures (``--upstream``, else the best in Table III). Every run was checked when it
+was read (:mod:`.runs`): a results JSON whose stored macro-F1 differs from its predictions CSV stops the
+report there.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from s3prl_stimulus.study.reports.runs import Study, build_study, find_runs
 from s3prl_stimulus.study.reports.scoring import (
     Cell, ScoreSettings, aggregate, bootstrap_all, paired_tests, pool_all, score_table,
 )
-
-JSON_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -79,14 +78,6 @@ def _choose(study: Study, upstream: Optional[str], ranking: list) -> str:
     raise StimulusError(f"no runs for upstream {upstream!r}; found: {', '.join(study.systems)}")
 
 
-def _json_disagreements(per_fold: pd.DataFrame, notes: list) -> None:
-    stored = per_fold.dropna(subset=["json_macro_f1"])
-    off = stored[(stored["macro_f1"] - stored["json_macro_f1"]).abs() > JSON_TOLERANCE]
-    for row in off.itertuples():
-        notes.append(f"{row.results_file}: stored {row.test_stimulus} macro-F1 {row.json_macro_f1:.6f} differs from "
-                     f"its predictions CSV ({row.macro_f1:.6f}); the report uses the CSV")
-
-
 def build_report(
     results_dir: str | os.PathLike,
     *,
@@ -103,7 +94,6 @@ def build_report(
     notes: list = []
     study = build_study(find_runs(results_dir, notes), votes=votes, path=path)
     pooled, per_fold = pool_all(study)
-    _json_disagreements(per_fold, notes)
     values = bootstrap_all(pooled, settings)
     scores = score_table(pooled, values, settings)
     report = Report(Path(results_dir), study, settings, scores, per_fold, aggregate(scores, per_fold),

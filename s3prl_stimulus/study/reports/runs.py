@@ -1,16 +1,18 @@
 """Finished runs, read and checked, and the study: which of them one report compares.
 
 A run is found by its ``results-test-dev-best.json`` (schema 1, see docs/design.md). Its metadata (path,
-upstream, train stimulus, fold, seed, votes) comes from that JSON, never from directory names; its
+upstream, label, train stimulus, fold, seed, votes) comes from that JSON, never from directory names; its
 test-set predictions and targets from the sibling ``predictions-test-dev-best.csv``; its learned layer
 weights, when it wrote them, from ``layer_weights.json``. A file that cannot be read or contradicts its
-run stops the report with the file and the fix named; layer weights that disagree with their run are
+run stops the report with the file and the fix named: among others, predictions that are not
+distributions, that do not hold exactly the run's clips (:func:`_check_clips`), or whose macro-F1 is not
+the one the JSON stores (:func:`_check_stored_scores`). Layer weights that disagree with their run are
 only noted and left out.
 
 The study keeps the runs of one votes source (optionally of one training path), names each system
-after its upstream (with the checkpoint and path when one name is ambiguous), and lists every
-(system, train stimulus, fold, seed, test stimulus) without a usable run. Those are shown as *missing*
--- never zero -- in ``missing_runs.csv`` and ``index.md``.
+after its label (``upstream_label``: the recipe's ``LABEL=``; else its upstream), with the checkpoint and
+path when one label is ambiguous, and lists every (system, train stimulus, fold, seed, test stimulus)
+without a usable run. Those are shown as *missing* -- never zero -- in ``missing_runs.csv`` and ``index.md``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,19 @@ import pandas as pd
 
 from s3prl_stimulus import CLASSES, STIMULI
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.metrics import binarize, macro_f1
 from s3prl_stimulus.partition import FOLDS, split_clips
 from s3prl_stimulus.results import FINAL_PREDICTIONS as PREDICTIONS_FILE, FINAL_RESULTS as RESULTS_FILE
+from s3prl_stimulus.results import checked_probabilities
 
 LAYER_WEIGHTS_FILE = "layer_weights.json"
 SCHEMA = 1
-REQUIRED_KEYS = ("schema", "path", "upstream", "fold", "train_stimulus", "votes", "seed", "split")
+REQUIRED_KEYS = ("schema", "path", "upstream", "fold", "train_stimulus", "votes", "seed", "split", "n_clips")
+STORED_F1_TOLERANCE = 1e-6
+"""How far a results JSON's macro-F1 may be from the one recomputed from its predictions CSV. Both come from
+the same float64 probabilities (the CSV round-trips them), so they agree to rounding (~1e-16); one changed
+prediction moves a fold's macro-F1 by far more (~1e-4 for a fold's ~1,500 clips)."""
+RERUN = "rerun that run's evaluation (it writes both files)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class Run:
 
     path: str
     upstream: str
+    upstream_label: str  # the recipe's LABEL (results JSON "upstream_label"); the upstream when absent
     upstream_ckpt: Optional[str]
     train_stimulus: str
     fold: int
@@ -52,7 +62,7 @@ class Run:
     targets: dict  # test stimulus -> DataFrame index clip, CLASSES columns, 0/1
     speakers: pd.Series  # index clip
     layer_weights: Optional[tuple] = None
-    system: str = ""  # display name, set once every run is known (upstream, plus path when ambiguous)
+    system: str = ""  # display name, set once every run is known (label, plus checkpoint/path when ambiguous)
     partition_clips: int = 0  # test clips of this fold in the full EMO-SUPERB partition
     complete: bool = True  # scored all of them (and, by its JSON, trained on every training clip): see _coverage
 
@@ -85,7 +95,27 @@ def _metadata(path: Path, obj: dict) -> dict:
         raise _fail(path, f"fold {obj['fold']!r} is not one of 1-5", "fix the results file")
     if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
         raise _fail(path, f"seed {obj['seed']!r} is not an integer", "fix the results file")
+    _check_optional_fields(path, obj)
     return obj
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_optional_fields(path: Path, obj: dict) -> None:
+    """Types of the fields whose meaning the report relies on (older results lack the last three)."""
+    if not _is_count(obj["n_clips"]):
+        raise _fail(path, f"n_clips {obj['n_clips']!r} is not a positive integer", RERUN)
+    if not isinstance(obj.get("test_stimuli", {}), dict):
+        raise _fail(path, "test_stimuli is not an object", RERUN)
+    label = obj.get("upstream_label")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise _fail(path, f"upstream_label {label!r} is not a name", "fix the results file or rerun that run")
+    if "complete" in obj and not isinstance(obj["complete"], bool):
+        raise _fail(path, f"complete {obj['complete']!r} is not true or false", RERUN)
+    if "partition_clips" in obj and not _is_count(obj["partition_clips"]):
+        raise _fail(path, f"partition_clips {obj['partition_clips']!r} is not a positive integer", RERUN)
 
 
 def _read_predictions(path: Path, fold: int) -> tuple[pd.DataFrame, dict, pd.Series]:
@@ -105,9 +135,8 @@ def _read_predictions(path: Path, fold: int) -> tuple[pd.DataFrame, dict, pd.Ser
     if len(outside):
         raise _fail(path, f"{len(outside)} clip(s) such as {outside[0]!r} are not in fold {fold}'s test split",
                     "the JSON's fold does not match these predictions; rerun evaluation for that fold")
-    probs = frame[list(CLASSES)].astype(np.float64)
-    if not np.isfinite(probs.to_numpy()).all():
-        raise _fail(path, "non-finite probabilities", "rerun evaluation")
+    values, _ = checked_probabilities(frame, lambda row: f"{path}, line {row + 2} (clip {frame.index[row]})", RERUN)
+    probs = pd.DataFrame(values, index=frame.index, columns=list(CLASSES))
     targets = {}
     for stimulus in STIMULI:
         columns = [f"{stimulus}_{c}" for c in CLASSES]
@@ -117,6 +146,40 @@ def _read_predictions(path: Path, fold: int) -> tuple[pd.DataFrame, dict, pd.Ser
                 raise _fail(path, f"{stimulus} targets are not all 0/1", "rerun evaluation")
             targets[stimulus] = block.set_axis(list(CLASSES), axis=1).astype(np.int64)
     return probs, targets, frame["speaker"]
+
+
+def _check_clips(path: Path, clips: pd.Index, results_file: Path, meta: dict) -> None:
+    """The predictions hold exactly the run's clips: its results JSON's ``n_clips`` of them, all in its fold's
+    test split (checked on reading), and all of that split unless the JSON says ``"complete": false`` (a run
+    on part of the corpus, ``datarc.clips``). Results written before that field existed count as complete."""
+    fold = meta["fold"]
+    split = pd.Index(split_clips(fold, "test"))
+    if len(clips) != meta["n_clips"]:
+        raise _fail(path, f"holds {len(clips)} clip(s) but its results JSON says n_clips {meta['n_clips']}", RERUN)
+    if meta.get("partition_clips", len(split)) != len(split):
+        raise _fail(results_file, f"partition_clips {meta['partition_clips']}, but fold {fold}'s test split has "
+                                  f"{len(split)} clips in this package's partition", f"{RERUN} with this version")
+    if meta.get("complete", True) and len(clips) != len(split):
+        said = "says complete" if "complete" in meta else "does not say the run used part of the corpus"
+        raise _fail(path, f"holds {len(clips)} of fold {fold}'s {len(split)} test clips (e.g. not "
+                          f"{split.difference(clips)[0]}) but its results JSON {said}", f"{RERUN} on the whole corpus")
+
+
+def _check_stored_scores(results_file: Path, stored: dict, probs: pd.DataFrame, targets: dict) -> None:
+    """Every macro-F1 the results JSON stores equals the one recomputed from the predictions CSV."""
+    predicted = binarize(probs.to_numpy())
+    for stimulus, truth in targets.items():
+        score = stored.get(stimulus)
+        if score is None:
+            continue
+        value = score.get("macro_f1") if isinstance(score, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _fail(results_file, f"test_stimuli.{stimulus}.macro_f1 is {value!r}, not a number", RERUN)
+        recomputed = macro_f1(truth.to_numpy(), predicted)
+        if abs(recomputed - value) > STORED_F1_TOLERANCE:
+            raise _fail(results_file, f"stored {stimulus} macro-F1 {value:.6f} differs from {recomputed:.6f}, "
+                                      f"recomputed from {PREDICTIONS_FILE} (tolerance {STORED_F1_TOLERANCE:g})",
+                        f"the two files are not from one evaluation; {RERUN}")
 
 
 def _read_layer_weights(results_file: Path, meta: dict, notes: list) -> Optional[tuple]:
@@ -153,14 +216,19 @@ def read_run(results_file: str | os.PathLike, notes: Optional[list] = None) -> R
     results_file = Path(results_file)
     notes = [] if notes is None else notes
     meta = _metadata(results_file, _read_json(results_file))
-    probs, targets, speakers = _read_predictions(results_file.with_name(PREDICTIONS_FILE), meta["fold"])
+    predictions = results_file.with_name(PREDICTIONS_FILE)
+    probs, targets, speakers = _read_predictions(predictions, meta["fold"])
+    _check_clips(predictions, probs.index, results_file, meta)
+    json_scores = dict(meta.get("test_stimuli") or {})
+    _check_stored_scores(results_file, json_scores, probs, targets)
     partition_clips, complete = _coverage(results_file, meta, len(probs))
     return Run(
         path=str(meta["path"]), upstream=str(meta["upstream"]),
+        upstream_label=str(meta.get("upstream_label") or meta["upstream"]),
         upstream_ckpt=None if meta.get("upstream_ckpt") is None else str(meta["upstream_ckpt"]),
         train_stimulus=meta["train_stimulus"],
         fold=int(meta["fold"]), seed=int(meta["seed"]), votes=str(meta["votes"]), results_file=results_file,
-        json_scores=dict(meta.get("test_stimuli") or {}), probs=probs, targets=targets, speakers=speakers,
+        json_scores=json_scores, probs=probs, targets=targets, speakers=speakers,
         layer_weights=_read_layer_weights(results_file, meta, notes),
         partition_clips=partition_clips, complete=complete,
     )
@@ -174,7 +242,18 @@ def find_runs(root: str | os.PathLike, notes: Optional[list] = None) -> list[Run
     files = sorted(root.rglob(RESULTS_FILE))
     if not files:
         raise StimulusError(f"no {RESULTS_FILE} under {root}: evaluate the dev-best checkpoints first (-m evaluate)")
-    return [read_run(f, notes) for f in files]
+    runs = [read_run(f, notes) for f in files]
+    _note_partial_runs(runs, notes)
+    return runs
+
+
+def _note_partial_runs(runs: list, notes: list) -> None:
+    partial = [r for r in runs if not r.complete]
+    if partial:
+        first = partial[0]
+        notes.append(f"{len(partial)} run(s) used part of the corpus (\"complete\": false in their results JSON) "
+                     f"and are scored on the clips they predict, e.g. {first.results_file}: {len(first.probs)} of fold "
+                     f"{first.fold}'s {len(split_clips(first.fold, 'test'))} test clips")
 
 
 # --- study: which runs are compared -------------------------------------------------------------
@@ -207,21 +286,44 @@ def _select(runs: list, votes: Optional[str], path: Optional[str]) -> list:
 
 
 def _name_systems(runs: list) -> list:
-    """Name each run's system by its upstream, adding the checkpoint's stem when one upstream name was run
-    with several checkpoints (e.g. ``wavlm_local -k``) and the path when both paths ran it."""
-    paths, ckpts = {}, {}
+    """Name each run's system by its label (``upstream_label``, else its upstream), adding the checkpoint
+    when one label was run with several checkpoints (e.g. ``wavlm_local -k`` without labels) and the path
+    when both paths ran it. One checkpoint run under two labels is two systems."""
+    groups = {}
     for run in runs:
-        paths.setdefault(run.upstream, set()).add(run.path)
-        ckpts.setdefault(run.upstream, set()).add(run.upstream_ckpt)
+        groups.setdefault(run.upstream_label, []).append(run)
+    for label, group in groups.items():
+        _check_one_upstream(label, group)
     named = []
     for run in runs:
-        name = run.upstream
-        if len(ckpts[run.upstream]) > 1:
-            name += f"[{Path(run.upstream_ckpt).stem if run.upstream_ckpt else 'default'}]"
-        if len(paths[run.upstream]) > 1:
+        group = groups[run.upstream_label]
+        name = run.upstream_label
+        checkpoints = {r.upstream_ckpt for r in group}
+        if len(checkpoints) > 1:
+            name += f"[{_checkpoint_name(run.upstream_ckpt, checkpoints)}]"
+        if len({r.path for r in group}) > 1:
             name += f" ({run.path})"
         named.append(replace(run, system=name))
     return named
+
+
+def _check_one_upstream(label: str, group: list) -> None:
+    """Runs of two different upstreams under one label would be pooled as one system: refused."""
+    first = {}
+    for run in group:
+        first.setdefault(run.upstream, run.results_file)
+    if len(first) > 1:
+        (a, file_a), (b, file_b) = list(first.items())[:2]
+        raise StimulusError(f"label {label!r} names runs of upstream {a} ({file_a}) and of {b} ({file_b}): "
+                            "give each upstream its own label (LABEL=NAME:CKPT in the recipe's upstream list)")
+
+
+def _checkpoint_name(checkpoint: Optional[str], checkpoints: set) -> str:
+    """The checkpoint's file stem, or its whole path when two checkpoints of the label share a stem."""
+    if checkpoint is None:
+        return "default"
+    stems = [Path(c).stem for c in checkpoints if c is not None]
+    return Path(checkpoint).stem if stems.count(Path(checkpoint).stem) == 1 else checkpoint
 
 
 def _check_duplicates(runs: list) -> None:
