@@ -68,9 +68,9 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, initial
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
-def track(items: Iterable, total: int, desc: str, unit: str, enabled: bool = True) -> Iterator:
-    """Iterate ``items`` with :func:`progress_bar` advancing one per item."""
-    bar = progress_bar(total, desc, unit, enabled)
+def track(items: Iterable, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0) -> Iterator:
+    """Iterate ``items`` with :func:`progress_bar` advancing one per item (from ``initial`` of ``total``)."""
+    bar = progress_bar(total, desc, unit, enabled, initial)
     try:
         for item in items:
             yield item

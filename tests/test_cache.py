@@ -257,3 +257,40 @@ def test_extract_warns_when_k_goes_to_an_entry_that_drops_it(fbank_out, capsys):
                        clips="present", device="cpu", progress=False)
     assert ("[extract] WARNING: -k /models/unused.pt is ignored: fbank is computed from the waveform and has no "
             "weights; drop -k") in capsys.readouterr().err
+
+
+def test_sigkill_mid_extraction_then_the_same_command_gives_the_uninterrupted_cache(corpus, tmp_path):
+    """Fault injection with a real kill: what is on disk then is all a rerun has."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = corpus
+
+    def command(out: Path) -> list:
+        return [sys.executable, "-m", "s3prl_stimulus", "extract", "--corpus", str(root / "AudioWAV"), "--out", str(out),
+                "-u", "wavlm_local", "-k", str(root / "wavlm.pt"), "--folds", str(FOLD), "--clips", "present",
+                "--device", "cpu", "--chunk-clips", "1", "--batch-clips", "1"]
+
+    assert subprocess.run(command(tmp_path / "whole"), capture_output=True, timeout=600).returncode == 0
+    chunks = tmp_path / "killed" / "wavlm_local" / f"fold{FOLD}" / store.CHUNKS
+    process = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def chunks_written() -> int:
+        return len(list(chunks.glob("*.json"))) if chunks.exists() else 0
+
+    while process.poll() is None and chunks_written() < 2:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "extraction finished before it could be killed"
+    assert 2 <= chunks_written() < 12
+    assert subprocess.run(command(tmp_path / "killed"), capture_output=True, timeout=600).returncode == 0
+    whole = store.load_cache(tmp_path / "whole" / "wavlm_local" / f"fold{FOLD}")
+    killed = store.load_cache(tmp_path / "killed" / "wavlm_local" / f"fold{FOLD}")
+    assert list(killed.clips) == list(whole.clips) and killed.manifest == whole.manifest
+    np.testing.assert_array_equal(killed.means, whole.means)
+    a, b = (json.loads((p / "wavlm_local" / f"fold{FOLD}" / "complete.json").read_text())
+            for p in (tmp_path / "whole", tmp_path / "killed"))
+    assert a["key"] == b["key"]  # (its timings differ between any two extractions)
+    assert not [p for p in (tmp_path / "killed").rglob("*") if p.name.endswith(".tmp")]

@@ -260,3 +260,144 @@ def test_cli_runs_the_grid_and_reports_errors_in_one_line(grid_data, tmp_path, c
                  "-o", OVERRIDE + ",,config.downstream_expert.modelrc.select='DeepModel'", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines()[-1].startswith("error: ") and "S3PRL" in err.splitlines()[-1]
+
+
+# --- no lost work (issue 10, item 2): resume after a kill, finished runs kept, summaries of every run ---------
+
+
+def output_files(root: Path) -> dict:
+    """Every output under ``root`` by relative path: checkpoints as their tensors, other files as bytes (with
+    ``root`` itself, which results name in their checkpoint paths, written as ROOT)."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        key = str(path.relative_to(root))
+        if path.suffix == ".ckpt":
+            saved = sweep_outputs.read_checkpoint(path)
+            files[key] = {k: v for k, v in saved["Downstream"].items() if torch.is_tensor(v)}
+        else:
+            files[key] = path.read_bytes().replace(str(root).encode(), b"ROOT")
+    return files
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    first, second = output_files(a), output_files(b)
+    assert sorted(first) == sorted(second)
+    for key, value in first.items():
+        if isinstance(value, dict):
+            assert value.keys() == second[key].keys() and all(torch.equal(value[k], second[key][k]) for k in value), key
+        else:
+            assert value == second[key], key
+
+
+def test_a_killed_sweep_resumes_to_the_outputs_of_an_uninterrupted_one(grid_data, tmp_path, monkeypatch):
+    from s3prl_stimulus.cache import resume
+
+    root, _, _ = grid_data
+    grid = dict(train_stimuli=["voice", "av"], folds=[1, 2], seeds=[5], override=OVERRIDE, device="cpu", progress=False)
+    sweeping.sweep([root / "caches"], tmp_path / "whole", **grid)
+    real_save, saved_steps = resume.TrainingState.save, []
+
+    def save_then_die(self, step, *args):
+        real_save(self, step, *args)
+        saved_steps.append(step)
+        if step == 2 * EVAL_STEP:
+            raise SystemExit("killed after the second evaluation")
+
+    monkeypatch.setattr(resume.TrainingState, "save", save_then_die)
+    with pytest.raises(SystemExit):
+        sweeping.sweep([root / "caches"], tmp_path / "killed", **grid)
+    state = tmp_path / "killed" / "synthetic" / resume.STATE_FILE
+    assert saved_steps == [EVAL_STEP, 2 * EVAL_STEP] and state.is_file()
+    assert not list((tmp_path / "killed").rglob(resume.FINAL_RESULTS))  # nothing written before training ends
+    monkeypatch.setattr(resume.TrainingState, "save", real_save)
+    resumed_from = []
+    real_restore = resume.TrainingState.restore
+    monkeypatch.setattr(resume.TrainingState, "restore", lambda self, *a: resumed_from.append(real_restore(self, *a))
+                        or resumed_from[-1])
+    sweeping.sweep([root / "caches"], tmp_path / "killed", **grid)  # the same command again
+    assert resumed_from == [2 * EVAL_STEP] and not state.exists()
+    assert_same_outputs(tmp_path / "whole", tmp_path / "killed")
+    assert not [p for p in (tmp_path / "killed").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_finished_runs_are_kept_and_summaries_cover_every_run(grid_data, tmp_path, monkeypatch, capsys):
+    root, _, _ = grid_data
+    common = dict(folds=[1], override=OVERRIDE, device="cpu", progress=False)
+    sweeping.sweep([root / "caches"], tmp_path, train_stimuli=["voice"], seeds=[1], **common)
+    first = output_files(tmp_path / "synthetic" / "voice")
+    mtime = (tmp_path / "synthetic" / "voice" / "fold1" / "seed1" / "results-test-dev-best.json").stat().st_mtime_ns
+    trained = []
+    real_train = sweeping.train
+    monkeypatch.setattr(sweeping, "train", lambda head, grid, *a, **k: trained.append(
+        [r.name for r in grid.runs]) or real_train(head, grid, *a, **k))
+    long, _ = sweeping.sweep([root / "caches"], tmp_path, train_stimuli=["voice", "face"], seeds=[1], **common)
+    assert trained == [["face/fold1/seed1"]]  # voice/fold1/seed1 is finished: kept as it was
+    assert "1 of 2 runs already finished" in capsys.readouterr().err
+    again = output_files(tmp_path / "synthetic" / "voice")
+    assert again.keys() == first.keys() and all(again[k] == first[k] for k in first if not k.endswith(".ckpt"))
+    assert (tmp_path / "synthetic" / "voice" / "fold1" / "seed1" / "results-test-dev-best.json").stat().st_mtime_ns == mtime
+    summary = pd.read_csv(tmp_path / "synthetic" / "summary.csv")
+    assert sorted(set(summary["train_stimulus"])) == ["face", "voice"] and len(summary) == len(long) == 2 * 4
+    # a command over runs that are all finished trains nothing and still writes the full summary
+    long, _ = sweeping.sweep([root / "caches"], tmp_path, train_stimuli=["face"], seeds=[1], **common)
+    assert trained == [["face/fold1/seed1"]] and len(long) == 2 * 4
+    sweeping.sweep([root / "caches"], tmp_path, train_stimuli=["face"], seeds=[1], overwrite=True, **common)
+    assert trained[-1] == ["face/fold1/seed1"]
+
+
+def test_a_saved_state_of_other_settings_is_not_resumed(grid_data, tmp_path, monkeypatch, capsys):
+    from s3prl_stimulus.cache import resume
+
+    root, _, _ = grid_data
+    grid = dict(train_stimuli=["av"], folds=[1], seeds=[2], device="cpu", progress=False)
+
+    def die(self, step, *args):
+        raise SystemExit("killed")
+
+    real_save = resume.TrainingState.save
+    monkeypatch.setattr(resume.TrainingState, "save", lambda self, step, *a: (real_save(self, step, *a), die(self, step)))
+    with pytest.raises(SystemExit):
+        sweeping.sweep([root / "caches"], tmp_path, override=OVERRIDE, **grid)
+    monkeypatch.setattr(resume.TrainingState, "save", real_save)
+    other = OVERRIDE.replace("config.optimizer.lr=1.0e-3", "config.optimizer.lr=2.0e-3")
+    sweeping.sweep([root / "caches"], tmp_path, override=other, **grid)
+    assert "not resuming" in capsys.readouterr().out and not (tmp_path / "synthetic" / resume.STATE_FILE).exists()
+    sweeping.sweep([root / "caches"], tmp_path / "fresh", override=other, **grid)
+    assert_same_outputs(tmp_path / "synthetic" / "av", tmp_path / "fresh" / "synthetic" / "av")
+
+
+def test_sigkill_at_two_points_then_the_same_command_gives_the_uninterrupted_outputs(grid_data, tmp_path):
+    """Fault injection with real kills (no clean-up runs): the state file is all that survives."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from s3prl_stimulus.cache.resume import STATE_FILE
+
+    root, _, _ = grid_data
+    long_run = OVERRIDE.replace(f"total_steps={STEPS}", "total_steps=300").replace(f"eval_step={EVAL_STEP}", "eval_step=30")
+
+    def command(out: Path) -> list:
+        return [sys.executable, "-m", "s3prl_stimulus", "sweep", "--cache", str(root / "caches"), "--out", str(out),
+                "--train-stimuli", "voice", "all", "--folds", "1", "2", "--seeds", "9", "-o", long_run, "--device", "cpu"]
+
+    assert subprocess.run(command(tmp_path / "whole"), capture_output=True, timeout=600).returncode == 0
+    state = tmp_path / "killed" / "synthetic" / STATE_FILE
+    kills = []
+    for _ in range(2):
+        before = state.stat().st_mtime_ns if state.exists() else None
+        process = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if state.exists() and state.stat().st_mtime_ns != before:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        kills.append(process.wait())
+    assert kills == [-signal.SIGKILL, -signal.SIGKILL], "the sweep finished before it could be killed: give it more steps"
+    done = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "resumed after step" in done.stderr and not state.exists()
+    assert_same_outputs(tmp_path / "whole", tmp_path / "killed")
+    assert not [p for p in (tmp_path / "killed").rglob("*") if p.name.endswith(".tmp")]

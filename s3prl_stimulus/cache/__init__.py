@@ -24,6 +24,7 @@ Training from caches (``s3prl-stimulus sweep``):
 - :mod:`.grid`: caches per fold, each fold's clips and labels, the runs, training batches, the stacked grid.
 - :mod:`.training`: the runner's training loop and the expert's dev/test evaluation, all runs at once.
 - :mod:`.sweep_outputs`: per-run result files, checkpoints and layer weights; summaries; reading checkpoints.
+- :mod:`.resume`: the training state saved at evaluation steps (a killed sweep resumes), finished runs kept.
 - :mod:`.sweeping`: the ``sweep`` and ``evaluate_checkpoint`` drivers.
 """
 

@@ -162,6 +162,26 @@ def write_run_outputs(context: SweepContext, grid: Grid, result: TrainResult) ->
 # --- summaries ----------------------------------------------------------------------------------
 
 
+def summary_rows(root: Path) -> list[dict]:
+    """One row per finished run × test stimulus under ``root``, read from the runs' final results JSONs."""
+    import json
+
+    from s3prl_stimulus.results import FINAL_RESULTS
+
+    rows = []
+    for path in sorted(Path(root).glob(f"*/fold*/seed*/{FINAL_RESULTS}")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if result.get("path") != "cache":
+            continue
+        for stimulus, score in result["test_stimuli"].items():
+            rows.append({"train_stimulus": result["train_stimulus"], "fold": result["fold"], "seed": result["seed"],
+                         "test_stimulus": stimulus, "macro_f1": score["macro_f1"], "ci95_lo": score["ci95"][0],
+                         "ci95_hi": score["ci95"][1], "loss": score["loss"], "dev_best_step": result["step"],
+                         "n_clips": score["n_clips"], "partition_clips": result.get("partition_clips"),
+                         "complete": result.get("complete", True)})
+    return rows
+
+
 def summarise(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Long table of every run × test stimulus, and mean ± std over seeds (sample std, ddof=1; 0 with one seed).
 

@@ -31,7 +31,7 @@ from s3prl_stimulus.cache.grid import Grid, cache_for_fold, check_same_upstream,
 from s3prl_stimulus.cache.head import initial_head_state, load_run_state, make_batched_head
 from s3prl_stimulus.cache.sweep_config import apply_override, check_linear_head, check_runner, load_config
 from s3prl_stimulus.cache.sweep_outputs import (SweepContext, read_checkpoint, score_evaluation, summarise,
-                                                write_run_outputs)
+                                                summary_rows, write_run_outputs)
 from s3prl_stimulus.cache.training import evaluate_split, train
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.integration.identity import UpstreamIdentity, verify_checkpoint
@@ -54,10 +54,11 @@ class Prepared:
 
 
 def prepare(cache_paths, runs_spec, config, override, test_stimuli, votes, device, feature_normalize,
-            training: bool = True) -> Prepared:
+            training: bool = True, only: Optional[set] = None) -> Prepared:
     """Validate the config against the cache path's contract, load the caches, stack the grid, build the head.
 
-    ``training=False`` (scoring a checkpoint) skips the runner/optimizer checks, which only training needs.
+    ``training=False`` (scoring a checkpoint) skips the runner/optimizer checks, which only training needs;
+    ``only``: the names of the runs of ``runs_spec`` to stack (default all).
     """
     from s3prl_stimulus.cache.manifest import upstream_identity
     from s3prl_stimulus.cache.store import check_complete, load_cache
@@ -80,7 +81,7 @@ def prepare(cache_paths, runs_spec, config, override, test_stimuli, votes, devic
     check_smoothing(datarc["smoothing"])
     projector_dim = check_linear_head(expert["modelrc"])
     test_stimuli = tuple(dict.fromkeys(check_stimulus(s) for s in (test_stimuli or _config_stimuli(datarc))))
-    runs = make_runs(*runs_spec)
+    runs = [r for r in make_runs(*runs_spec) if only is None or r.name in only]
     device = check_device(device or default_device())
     manifests = {path: check_complete(path) for path in find_caches(cache_paths)}
     chosen = {k: cache_for_fold(manifests, k, str(datarc["normalisation"])) for k in sorted({r.fold for r in runs})}
@@ -132,30 +133,81 @@ def sweep(cache_paths: Sequence, out, train_stimuli=STIMULI, folds=(1, 2, 3, 4, 
           test_stimuli=None, config=None, override: Optional[str] = None, device: Optional[str] = None,
           feature_normalize: bool = False, votes: Optional[str] = None, all_steps: bool = False,
           name: Optional[str] = None, init: Optional[str] = None, progress: bool = True,
-          allow_unverified_upstream: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+          allow_unverified_upstream: bool = False, overwrite: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every (train stimulus, fold, seed) from the caches, cross-test each on ``test_stimuli``.
 
     Writes ``<out>/<upstream>/<train_stimulus>/fold<k>/seed<s>/`` per run and ``summary.csv``,
-    ``summary-seeds.csv`` and ``sweep.json`` in ``<out>/<upstream>/``. Returns (long, grid) tables.
+    ``summary-seeds.csv`` and ``sweep.json`` in ``<out>/<upstream>/``; the summaries cover every run there.
+    Resumable (:mod:`s3prl_stimulus.cache.resume`): a killed sweep continues from its last evaluation step when
+    rerun, and finished runs are skipped unless ``overwrite``. Returns (long, grid) tables of every run there.
     """
-    from s3prl_stimulus.io import write_csv_atomic, write_json_atomic
+    from s3prl_stimulus.cache.resume import TrainingState, is_finished, settings_key
 
-    prepared = prepare(cache_paths, (train_stimuli, folds, seeds), config, override, test_stimuli, votes, device,
-                       feature_normalize)
+    spec = (train_stimuli, folds, seeds)
+    requested = make_runs(*spec)
+    peek = _peek(cache_paths, config, override, votes, name)
+    root = Path(out) / peek["directory"]
+    key = settings_key(peek["config"], peek["cache_keys"], test_stimuli or _config_stimuli(peek["config"]["downstream_expert"]["datarc"]),
+                       feature_normalize, init, all_steps, peek["identity"])
+    state = TrainingState(root, key)
+    done: set = set()
+    while True:
+        pending = state.pending_runs()
+        if pending is not None and set(pending) <= {r.name for r in requested}:
+            todo = set(pending)
+        else:
+            todo = {r.name for r in requested if r.name not in done and (overwrite or not is_finished(
+                run_dir_under(root, r), r, peek["identity"]["weights_sha256"], peek["votes"]))}
+        if not todo:
+            break
+        _train_and_write(cache_paths, spec, todo, peek, root, state, test_stimuli, device, feature_normalize,
+                         all_steps, init, progress, allow_unverified_upstream)
+        done |= todo
+    skipped = len(requested) - len(done)
+    if skipped:
+        print(f"[sweep] {skipped} of {len(requested)} runs already finished under {root}: kept "
+              "(--overwrite trains them again)", file=sys.stderr)
+    return _write_summaries(root)
+
+
+def run_dir_under(root: Path, run) -> Path:
+    return root / run.train_stimulus / f"fold{run.fold}" / f"seed{run.seed}"
+
+
+def _peek(cache_paths, config, override, votes, name) -> dict:
+    """What deciding which runs to train needs, from the manifests alone (no features loaded)."""
+    from s3prl_stimulus.cache.manifest import upstream_identity
+    from s3prl_stimulus.cache.store import check_complete
+
+    if not isinstance(config, dict):
+        config = load_config(config, override)
+    elif override:
+        config = apply_override(config, override)
+    config = copy.deepcopy(config)
+    if votes is not None:
+        config["downstream_expert"]["datarc"]["votes"] = votes
+    manifests = [check_complete(path) for path in find_caches(cache_paths)]
+    first = manifests[0]
+    return {"config": config, "cache_keys": [m["key"] for m in manifests], "identity": upstream_identity(first).record(),
+            "votes": str(config["downstream_expert"]["datarc"]["votes"]),
+            "directory": name or first.get("name") or first["upstream"]["name"]}
+
+
+def _train_and_write(cache_paths, spec, todo: set, peek: dict, root: Path, state, test_stimuli, device,
+                     feature_normalize, all_steps, init, progress, allow_unverified_upstream) -> None:
+    """Train the runs named ``todo`` as one stacked grid (resuming ``state`` when it holds them) and write them."""
+    from s3prl_stimulus.io import write_json_atomic
+
+    prepared = prepare(cache_paths, spec, peek["config"], None, test_stimuli, None, device, feature_normalize, only=todo)
     initialise(prepared, init, allow_unverified_upstream)
-    result = train(prepared.head, prepared.grid, prepared.config, progress=progress, keep_steps=all_steps)
+    result = train(prepared.head, prepared.grid, prepared.config, progress=progress, keep_steps=all_steps, state=state)
     upstream = prepared.manifest["upstream"]["name"]
-    directory_name = name or prepared.manifest.get("name") or upstream
-    label = str(prepared.config["downstream_expert"]["datarc"].get("upstream_label") or directory_name)
-    context = SweepContext(Path(out), directory_name, prepared.manifest, prepared.config, prepared.test_stimuli,
+    label = str(prepared.config["downstream_expert"]["datarc"].get("upstream_label") or peek["directory"])
+    context = SweepContext(root.parent, root.name, prepared.manifest, prepared.config, prepared.test_stimuli,
                            prepared.evalrc, feature_normalize, prepared.identity, label)
     rows = write_run_outputs(context, prepared.grid, result)
     if not rows:
         raise StimulusError("no run reached a dev-best checkpoint: check the cache for non-finite features")
-    long, table = summarise(rows)
-    root = Path(out) / context.upstream_dir
-    write_csv_atomic(root / "summary.csv", long)
-    write_csv_atomic(root / "summary-seeds.csv", table)
     write_json_atomic(root / "sweep.json", {
         "path": "cache", "upstream": upstream, "caches": {str(k): str(p) for k, p in prepared.chosen.items()},
         "cache_keys": {str(k): v for k, v in prepared.keys.items()}, "runs": [run.name for run in prepared.runs],
@@ -163,6 +215,19 @@ def sweep(cache_paths: Sequence, out, train_stimuli=STIMULI, folds=(1, 2, 3, 4, 
         "device": str(prepared.grid.features.device), "config": prepared.config,
         "upstream_identity": prepared.identity.record(),
     })
+    state.discard()  # every output of these runs is written: nothing left to resume
+
+
+def _write_summaries(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """summary.csv and summary-seeds.csv of every finished run under ``root`` (not only this command's)."""
+    from s3prl_stimulus.io import write_csv_atomic
+
+    rows = summary_rows(root)
+    if not rows:
+        raise StimulusError(f"no finished run under {root}: nothing to summarise")
+    long, table = summarise(rows)
+    write_csv_atomic(root / "summary.csv", long)
+    write_csv_atomic(root / "summary-seeds.csv", table)
     return long, table
 
 

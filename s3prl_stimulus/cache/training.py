@@ -119,8 +119,12 @@ class TrainResult:
     step_evaluations: list = field(default_factory=list)  # (step, dev, test Evaluations) when all steps are kept
 
 
-def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: bool = False) -> TrainResult:
-    """The S3PRL runner's training loop, for every run at once (see the module docstring)."""
+def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: bool = False, state=None) -> TrainResult:
+    """The S3PRL runner's training loop, for every run at once (see the module docstring).
+
+    ``state`` (:class:`s3prl_stimulus.cache.resume.TrainingState`): continue from its saved step, and save the
+    whole training state at every evaluation step, so a killed sweep resumes where it was.
+    """
     import torch
 
     from s3prl_stimulus.progress import track
@@ -133,8 +137,10 @@ def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: boo
     best = copy.deepcopy(head)
     result = TrainResult([0] * len(grid.runs), best, [], [math.inf] * len(grid.runs), [-math.inf] * len(grid.runs))
     device = grid.features.device
+    start = state.restore(grid.runs, head, optimizer, scheduler, plan, result) if state else 0
     head.train()
-    for step in track(range(1, total + 1), total, f"sweep {len(grid.runs)} runs", "step", progress):
+    desc = f"sweep {len(grid.runs)} runs" + (f" (resumed after step {start})" if start else "")
+    for step in track(range(start + 1, total + 1), total, desc, "step", progress, initial=start):
         for _ in range(accumulate):
             positions, counts = plan.next()
             positions, counts = torch.from_numpy(positions).to(device), torch.from_numpy(counts).to(device)
@@ -150,6 +156,8 @@ def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: boo
             scheduler.step()
         if step % eval_step == 0:
             _evaluate_step(head, grid, step, select_by, result, keep_steps)
+            if state:
+                state.save(step, grid.runs, head, optimizer, scheduler, plan, result)
     return result
 
 

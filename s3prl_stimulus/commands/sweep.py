@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept an --evaluate/--init checkpoint that records no upstream identity (older versions, "
                              "other code); its results say \"upstream unverified\". A checkpoint of other upstream "
                              "weights is refused regardless")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train runs that already have results under --out again (default: keep them; a killed "
+                             "sweep resumes from its last evaluation step either way)")
     parser.add_argument("--all-steps", action="store_true",
                         help="also write predictions/results for every evaluation step (slow: bootstrap CIs each time)")
     parser.add_argument("--name", help="directory name for the upstream under --out, also the label its results carry "
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                        test_stimuli=args.test_stimuli, config=args.config, override=args.override, device=args.device,
                        feature_normalize=args.upstream_feature_normalize, votes=args.votes, all_steps=args.all_steps,
                        name=args.name, init=args.init, progress=not args.no_progress,
-                       allow_unverified_upstream=args.allow_unverified_upstream)
+                       allow_unverified_upstream=args.allow_unverified_upstream, overwrite=args.overwrite)
     n_runs = len(long[["train_stimulus", "fold", "seed"]].drop_duplicates())
     print(f"{n_runs} runs written under {args.out}; macro-F1 (test, dev-best), mean over folds, ± std over seeds:")
     print(render(grid_table(grid), args.format, json_obj=grid.to_dict(orient="records")))
