@@ -424,3 +424,17 @@ def test_systems_are_named_by_their_label(tmp_path, votes):
 
     write_run(tmp_path / "e", votes, "fbank", "voice", 2, extra={"upstream_label": "mine"})
     assert "label 'mine' names runs of upstream wavlm_local" in report_error(tmp_path, tmp_path)
+
+
+def test_wrong_speakers_are_refused_and_unverified_upstreams_are_noted(tmp_path, votes):
+    run_dir = write_run(tmp_path / "a", votes, "fbank", "voice", 1)
+    frame = pd.read_csv(run_dir / "predictions-test-dev-best.csv")
+    frame.loc[0, "speaker"] = 1091  # the by-speaker bootstrap would resample the wrong actor
+    frame.to_csv(run_dir / "predictions-test-dev-best.csv", index=False)
+    message = report_error(tmp_path / "a", tmp_path)
+    assert message.startswith(f"{run_dir / 'predictions-test-dev-best.csv'}: clip {fold_clips(1)[0]} has speaker 1091")
+    unverified = {"upstream_identity": {"upstream": "fbank", "upstream_ckpt": None, "weights_sha256": None,
+                                        "verified": False, "reason": "upstream unverified: no identity in x.ckpt"}}
+    run_dir = write_run(tmp_path / "b", votes, "fbank", "voice", 1, extra=unverified)
+    report = build_report(tmp_path / "b", settings=ScoreSettings(num_bootstraps=10))
+    assert any(str(run_dir) in n and "no identity in x.ckpt" in n for n in report.notes)

@@ -211,6 +211,19 @@ def _coverage(path: Path, meta: dict, n_scored: int) -> tuple[int, bool]:
     return partition, complete and n_scored == partition
 
 
+def _check_speakers(path: Path, clips, speakers) -> None:
+    """The ``speaker`` column drives the by-speaker bootstrap: it must be each clip's actor."""
+    from s3prl_stimulus.partition import speakers_of
+
+    expected = speakers_of(list(clips))
+    wrong = np.flatnonzero(np.asarray(speakers) != expected)
+    if len(wrong):
+        i = int(wrong[0])
+        raise _fail(path, f"clip {clips[i]} has speaker {np.asarray(speakers)[i]}, its actor is {expected[i]} "
+                          f"({len(wrong)} row(s) in all)", "write each clip's CREMA-D actor id (the predictions "
+                    "files this package writes do)")
+
+
 def read_run(results_file: str | os.PathLike, notes: Optional[list] = None) -> Run:
     """Load one run from its results JSON and the sibling predictions CSV (and layer weights)."""
     results_file = Path(results_file)
@@ -222,6 +235,11 @@ def read_run(results_file: str | os.PathLike, notes: Optional[list] = None) -> R
     json_scores = dict(meta.get("test_stimuli") or {})
     _check_stored_scores(results_file, json_scores, probs, targets)
     partition_clips, complete = _coverage(results_file, meta, len(probs))
+    _check_speakers(predictions, probs.index, speakers)
+    identity = meta.get("upstream_identity") or {}
+    if identity.get("verified") is False:  # accepted on request: every reader of the report must see it
+        notes.append(f"{results_file}: {identity.get('reason') or 'upstream unverified'}; its numbers are reported, "
+                     "but the upstream its head was scored on could not be checked")
     return Run(
         path=str(meta["path"]), upstream=str(meta["upstream"]),
         upstream_label=str(meta.get("upstream_label") or meta["upstream"]),
