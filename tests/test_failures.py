@@ -150,3 +150,55 @@ def test_a_file_system_failure_mid_command_is_one_line(monkeypatch, tmp_path, ca
     monkeypatch.setattr(labels_command, "write_label_files", disk_full)
     assert main(["labels", "--out", str(tmp_path / "out")]) == 2
     one_line_error(capsys.readouterr().err, "labels_1.csv: No space left on device")
+
+
+# ---- upstream weights that cannot be fetched
+
+
+@pytest.mark.parametrize("upstream,instead", [("wavlm_large", "-u wavlm_local -k FILE"), ("vq_apc", "-u apc_local -k FILE")])
+def test_launcher_turns_a_failed_weights_download_into_one_line(monkeypatch, capsys, upstream, instead):
+    import types
+    import urllib.error
+
+    pytest.importorskip("s3prl")
+    requests = pytest.importorskip("requests")
+    fake = types.ModuleType("s3prl.run_downstream")
+    fake.__file__ = "/s3prl/run_downstream.py"
+
+    def offline_download():
+        try:  # what S3PRL's download helper does offline: urllib fails, then its requests fallback
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        except urllib.error.URLError:
+            raise requests.exceptions.ConnectionError("Max retries exceeded with url: /wavlm_large.pt")
+
+    fake.main = offline_download
+    monkeypatch.setitem(sys.modules, "s3prl.run_downstream", fake)
+    monkeypatch.setattr(sys, "argv", ["launcher"])
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    from s3prl_stimulus.integration import launcher
+
+    assert launcher.main(["-m", "train", "-d", "emotion_stimulus", "-u", upstream, "-p", str(Path("/tmp") / "x")]) == 2
+    one_line_error(capsys.readouterr().err, f"the weights of upstream {upstream} could not be fetched",
+                   "ConnectionError", instead)
+
+
+def test_other_failures_inside_s3prl_still_raise():
+    from s3prl_stimulus.integration.hub_entries import fetch_failure
+
+    assert fetch_failure(RuntimeError("CUDA out of memory"), "wavlm_large") is None
+    assert "could not be fetched" in fetch_failure(TimeoutError("timed out"), "tera")  # socket.timeout
+
+
+def test_extract_turns_a_failed_weights_download_into_one_line(monkeypatch):
+    import types
+    import urllib.error
+
+    from s3prl_stimulus.cache import upstream as cache_upstream
+
+    def wavlm_large(**kwargs):
+        raise urllib.error.URLError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(cache_upstream, "import_hub", lambda: types.SimpleNamespace(wavlm_large=wavlm_large))
+    monkeypatch.setattr(cache_upstream, "check_upstream_name", lambda hub, name: None)
+    with pytest.raises(StimulusError, match=r"weights of upstream wavlm_large could not be fetched .*-u wavlm_local -k FILE"):
+        cache_upstream.build_upstream(cache_upstream.UpstreamSpec("wavlm_large"), "cpu")

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration.hub_entries import fetch_failure
 from s3prl_stimulus.integration.identity import weights_sha256
 from s3prl_stimulus.io import sha256_file
 
@@ -61,7 +62,13 @@ def build_upstream(spec: UpstreamSpec, device: str):
         raise StimulusError(f"upstream {spec.name} needs a local checkpoint: pass -k FILE (got {spec.ckpt!r})")
     from s3prl.upstream.interfaces import Featurizer
 
-    upstream = getattr(hub, spec.name)(ckpt=spec.ckpt, model_config=spec.model_config, refresh=spec.refresh)
+    try:
+        upstream = getattr(hub, spec.name)(ckpt=spec.ckpt, model_config=spec.model_config, refresh=spec.refresh)
+    except Exception as error:
+        message = fetch_failure(error, spec.name)
+        if message is None:
+            raise
+        raise StimulusError(message) from None
     upstream = upstream.to(device).eval()
     for parameter in upstream.parameters():
         parameter.requires_grad_(False)

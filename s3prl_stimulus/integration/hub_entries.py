@@ -55,3 +55,35 @@ def ignored_ckpt(name: str, ckpt: Optional[str]) -> Optional[str]:
         return f"-k {ckpt} is ignored: {name} is computed from the waveform and has no weights; drop -k"
     return (f"-k {ckpt} is ignored: S3PRL's {name} always loads its own download ({name} replaces -k with its URL); "
             f"to use the file, run -u {LOCAL_ENTRY[name]} -k {ckpt}")
+
+
+def fetch_failure(error: BaseException, name: Optional[str]) -> Optional[str]:
+    """One line for a failed download of upstream ``name``'s weights (no network, proxy, server down), or None
+    when ``error`` is not a network failure. S3PRL downloads with urllib, then falls back to requests, so
+    either library's error ends up here; a raw traceback from deep inside the hub helps nobody."""
+    if not _is_network_error(error):
+        return None
+    local = LOCAL_ENTRY.get(name or "")
+    instead = (f"-u {local} -k FILE" if local else "its local entry (NAME_local) with -k FILE")
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    return (f"the weights of upstream {name} could not be fetched ({reason}); check the network or proxy, or "
+            f"download the checkpoint elsewhere, copy it here and run {instead} (docs/recipes.md#upstreams)")
+
+
+def _is_network_error(error: BaseException) -> bool:
+    import socket
+    import urllib.error
+
+    network = (urllib.error.URLError, ConnectionError, socket.timeout, socket.gaierror)
+    try:
+        import requests
+
+        network += (requests.exceptions.RequestException,)
+    except ImportError:
+        pass
+    current: Optional[BaseException] = error
+    while current is not None:
+        if isinstance(current, network):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

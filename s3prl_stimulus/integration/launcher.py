@@ -29,9 +29,9 @@ import zipfile
 from pathlib import Path
 
 from s3prl_stimulus.errors import StimulusError
-from s3prl_stimulus.integration.hub_entries import ignored_ckpt
-from s3prl_stimulus.io import check_writable_dir
+from s3prl_stimulus.integration.hub_entries import fetch_failure, ignored_ckpt
 from s3prl_stimulus.integration.registration import DOWNSTREAM_NAME, downstream_folder
+from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.seeds import check_seed
 
 NOTE = "[s3prl-stimulus]"
@@ -256,5 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         s3prl_run_downstream.main()
     except StimulusError as error:  # bad input found by the downstream: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        known, _ = _known_arguments().parse_known_args(argv)
+        message = fetch_failure(error, known.upstream)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
