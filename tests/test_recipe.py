@@ -682,3 +682,44 @@ def test_slurm_array_tasks_train_and_cross_test(paper):
         assert task.returncode == 0, task.stdout[-2000:] + task.stderr[-2000:]
     result = read_results(exp / "s3prl" / "fbank" / "face" / "fold1" / "seed1337")
     assert (result["path"], result["train_stimulus"], list(result["test_stimuli"])) == ("s3prl", "face", list(STIMULI))
+
+
+@e2e
+def test_killing_the_recipe_at_two_points_then_rerunning_it_gives_the_uninterrupted_outputs(paper):
+    """Fault injection: SIGKILL to the whole recipe (run_paper.sh, the recipe driver and its extract/sweep job)
+    while its cache is being extracted and again while it trains; the same command then finishes the work."""
+    import signal
+    import time
+
+    root = paper["root"]
+    longer = TINY.replace("total_steps=2", "total_steps=240").replace("eval_step=2", "eval_step=40")
+    common = ["--stage", "2", "--stop_stage", "4", "--path", "cache", "--upstreams", "fbank", "--folds", "1,2",
+              "--stimuli", "voice,all", "--override", longer]
+
+    def command(expdir: Path) -> list:
+        return ["bash", str(RUN_PAPER), "--expdir", str(expdir), "--corpus", str(root / "AudioWAV"), "--python",
+                sys.executable, "--clips", "present", "--report_args", "--bootstraps 50", *common]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    ok(subprocess.run(command(root / "whole"), capture_output=True, text=True, timeout=600, env=env))
+    killed = root / "killed"
+    points = [lambda: any((killed / "features").glob("fbank/*/manifest.json")),
+              lambda: any((killed / "cache").glob("fbank/.sweep-state.pt"))]
+    for reached in points:
+        process = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and not reached() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert process.poll() is None, "the recipe finished before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    ok(subprocess.run(command(killed), capture_output=True, text=True, timeout=600, env=env))
+
+    def outputs(expdir: Path) -> dict:
+        files = sorted(expdir.glob("cache/fbank/*/fold*/seed*/*-test-dev-best.*")) + sorted(expdir.glob("report_cache/*.csv"))
+        return {str(p.relative_to(expdir)): p.read_text().replace(str(expdir), "EXP") for p in files}
+
+    whole, again = outputs(root / "whole"), outputs(killed)
+    assert len(whole) == 2 * 2 * 2 + len(list((root / "whole" / "report_cache").glob("*.csv"))) and whole == again
+    assert not [p for p in killed.rglob("*") if p.name.endswith(".tmp") or p.name == ".sweep-state.pt"]
