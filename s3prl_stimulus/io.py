@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -54,6 +55,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+"""Names :func:`atomic_path` gives its temporary files (``mkstemp``: ``.<target>.<8 random characters>.tmp``)."""
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list:
+    """Delete the temporary files that writes killed mid-way (SIGKILL, power loss) left in ``directory``.
+
+    ``atomic_path`` removes its temporary file on any error, but nothing runs after a SIGKILL. Call it only
+    when no other process writes into ``directory`` (a run's own expdir, before the run starts). Returns the
+    names removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = sorted(p for p in directory.iterdir() if TEMPORARY.match(p.name) and p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return [p.name for p in stale]
 
 
 def check_writable_dir(path: str | os.PathLike, option: str) -> Path:

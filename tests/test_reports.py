@@ -438,3 +438,120 @@ def test_wrong_speakers_are_refused_and_unverified_upstreams_are_noted(tmp_path,
     run_dir = write_run(tmp_path / "b", votes, "fbank", "voice", 1, extra=unverified)
     report = build_report(tmp_path / "b", settings=ScoreSettings(num_bootstraps=10))
     assert any(str(run_dir) in n and "no identity in x.ckpt" in n for n in report.notes)
+
+
+# --- issue 10, item 8: figures that say what they show and fit their canvas -----------------------
+
+
+def drawn_figures(report, tmp_path, monkeypatch) -> dict:
+    """Every figure of the report as drawn (caption -> matplotlib figure), saved under ``tmp_path``."""
+    from s3prl_stimulus.study.reports import figures, write_report
+
+    drawn, save = {}, figures.save_figure
+
+    def keep(fig, stem):
+        fig.canvas.draw()  # layout done: the boxes below are the saved PNG's
+        drawn[stem.name] = (fig, [a for a in fig.axes], fig.canvas.get_renderer())
+        return save(fig, stem)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    write_report(report, tmp_path)
+    return drawn
+
+
+def shown_texts(fig, axes) -> list:
+    """The texts a reader sees: titles, axis labels, tick labels inside the view, texts and legends."""
+    texts = []
+    for ax in axes:
+        texts += [t for t in (ax.title, ax.xaxis.label, ax.yaxis.label) if t.get_text()] + list(ax.texts)
+        for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            for tick in axis.get_major_ticks():
+                if min(limits) - 1e-9 <= tick.get_loc() <= max(limits) + 1e-9:
+                    texts += [label for label in (tick.label1, tick.label2) if label.get_visible() and label.get_text()]
+    return texts + list(fig.legends)
+
+
+EDGE = 2  # px: a text's box includes its line spacing; a rotated y label's box pokes ~1.3 px past the edge
+
+
+def assert_readable(name, fig, axes, renderer):
+    width, height = FIGURE_PIXELS
+    for text in shown_texts(fig, axes):
+        box = text.get_window_extent(renderer)
+        shown = getattr(text, "get_text", lambda: "legend")()
+        assert box.x0 >= -EDGE and box.y0 >= -EDGE and box.x1 <= width + EDGE and box.y1 <= height + EDGE, \
+            f"{name}: {shown!r} leaves the {width}x{height} canvas: {box}"
+    for ax in axes:
+        for legend in fig.legends:
+            assert not ax.title.get_window_extent(renderer).overlaps(legend.get_window_extent(renderer)), \
+                f"{name}: the legend covers the title {ax.title.get_text()!r}"
+
+
+LONG_LABEL = "wavlm_large_finetuned_on_something_long"
+
+
+def test_every_text_of_every_figure_is_inside_the_canvas_and_clear_of_legends(tmp_path, votes, monkeypatch):
+    # a long system label and runs on part of the corpus (the † note) make the longest titles
+    for train in STIMULI:
+        for fold in FOLDS:
+            write_run(tmp_path / "long", votes, "wavlm_local", train, fold, extra={"upstream_label": LONG_LABEL})
+    # four folds only: nothing pools, every cell of the heatmap and every bar is missing
+    for fold in (1, 2, 3, 4):
+        write_run(tmp_path / "empty", votes, "wavlm_local", "voice", fold)
+    for tree_name in ("long", "empty"):
+        report = build_report(tmp_path / tree_name, settings=ScoreSettings(num_bootstraps=10))
+        drawn = drawn_figures(report, tmp_path / f"out_{tree_name}", monkeypatch)
+        assert len(drawn) == 3
+        for name, (fig, axes, renderer) in drawn.items():
+            assert_readable(f"{tree_name}/{name}", fig, axes, renderer)
+        bars, axes, renderer = next(v for k, v in drawn.items() if k.startswith("per_class_f1"))
+        frame = axes[0].get_window_extent(renderer)
+        for label in axes[0].get_xticklabels():  # each class name under the plot, none hanging off its edge
+            box = label.get_window_extent(renderer)
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1, f"{tree_name}: {label.get_text()!r} hangs off the axes"
+
+
+def test_figures_with_no_data_say_so_instead_of_a_colour_bar(tmp_path, votes, monkeypatch):
+    for fold in (1, 2, 3, 4):
+        write_run(tmp_path / "runs", votes, "wavlm_local", "voice", fold)
+    report = build_report(tmp_path / "runs", settings=ScoreSettings(num_bootstraps=10))
+    drawn = drawn_figures(report, tmp_path / "out", monkeypatch)
+    heatmap, _, _ = drawn["cross_test_heatmap_wavlm_local"]
+    assert len(heatmap.axes) == 1  # no colour bar of no values
+    says = [t.get_text().replace("\n", " ") for t in heatmap.axes[0].texts]
+    assert says.count("missing") == 4 and any(t.startswith("no data: every cell is missing") for t in says)
+    bars, _, _ = drawn["per_class_f1_wavlm_local"]
+    assert any(t.get_text().startswith("no data") for t in bars.axes[0].texts)
+
+
+def test_a_heatmap_of_one_value_has_a_zero_to_one_scale(tmp_path, votes, monkeypatch):
+    for fold in FOLDS:
+        write_run(tmp_path / "runs", votes, "wavlm_local", "voice", fold, drop_tests=("face", "av", "all"))
+    report = build_report(tmp_path / "runs", settings=ScoreSettings(num_bootstraps=10))
+    heatmap, _, _ = drawn_figures(report, tmp_path / "out", monkeypatch)["cross_test_heatmap_wavlm_local"]
+    assert heatmap.axes[0].images[0].get_clim() == (0.0, 1.0)
+
+
+def test_figures_of_several_seeds_say_they_show_the_mean(tmp_path, votes, monkeypatch):
+    for seed in (0, 1, 2):
+        for train in ("voice", "face"):
+            for fold in FOLDS:
+                if (seed, train) != (2, "face"):  # face has two seeds, voice three
+                    write_run(tmp_path / "runs", votes, "wavlm_local", train, fold, seed=seed)
+    report = build_report(tmp_path / "runs", settings=ScoreSettings(num_bootstraps=10))
+    drawn = drawn_figures(report, tmp_path / "out", monkeypatch)
+    titles = {name: fig.axes[0].get_title().replace("\n", " ") for name, (fig, _, _) in drawn.items()}
+    assert "(mean over 2-3 seeds per cell)" in titles["cross_test_heatmap_wavlm_local"]
+    assert "(mean over 2-3 seeds per cell)" in titles["per_class_f1_wavlm_local"]
+    assert titles["cross_test_heatmap_wavlm_local"].endswith("(† built from incomplete runs)")
+    index = (tmp_path / "out" / "index.md").read_text()
+    assert "### Cross-testing macro-F1, wavlm_local (mean over 2-3 seeds per cell) († built from incomplete runs)" in index
+    assert "### Per-class F1 on the matched test set, wavlm_local (mean over 2-3 seeds per cell) (†" in index
+    fig2, _, _ = drawn["fig2_layer_weights_wavlm_local"]
+    assert [t.get_text() for t in fig2.legends[0].get_texts()] == ["voice (15 runs)", "face (10 runs)"]
+    for seed in (1, 2):
+        for fold in FOLDS:
+            write_run(tmp_path / "two_seeds", votes, "wavlm_local", "voice", fold, seed=seed)
+    two = build_report(tmp_path / "two_seeds", settings=ScoreSettings(num_bootstraps=10))
+    drawn = drawn_figures(two, tmp_path / "out_two", monkeypatch)
+    assert "(mean over 2 seeds)" in drawn["cross_test_heatmap_wavlm_local"][0].axes[0].get_title().replace("\n", " ")

@@ -8,6 +8,7 @@ the labels. Only then is anything written (the waveform statistics).
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,13 +220,62 @@ def collate(batch):
     return list(wavs), torch.from_numpy(np.stack(targets)), list(clips)
 
 
-def make_loader(dataset: ClipDataset, config: DataConfig, train: bool, epoch: int = 0) -> DataLoader:
-    """Train: shuffled (a DistributedSampler under DDP, reseeded per epoch); dev/test: in order, whole split."""
-    sampler = None
-    if train and dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=True)
-        sampler.set_epoch(epoch)
-    return DataLoader(
-        dataset, batch_size=config.train_batch_size if train else config.eval_batch_size,
-        shuffle=train and sampler is None, sampler=sampler, num_workers=config.num_workers, collate_fn=collate,
-    )
+def train_order(n_clips: int, seed: int, epoch: int) -> list:
+    """This process's clip order in ``epoch``: torch's ``DistributedSampler`` permutation, seeded with
+    ``seed + epoch`` (one replica without DDP). It depends on nothing else, unlike a shuffling DataLoader,
+    which draws from the global RNG, so a resumed run rebuilds exactly the epoch it stopped in."""
+    replicas, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    sampler = DistributedSampler(range(n_clips), num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def batches_per_epoch(n_clips: int, config: DataConfig) -> int:
+    """Training batches each process takes per epoch (DistributedSampler pads to equal shares; last batch short)."""
+    replicas = dist.get_world_size() if dist.is_initialized() else 1
+    return math.ceil(math.ceil(n_clips / replicas) / config.train_batch_size)
+
+
+def make_loader(dataset: ClipDataset, config: DataConfig, train: bool, epoch: int = 0, seed: int = 0,
+                skip_batches: int = 0) -> DataLoader:
+    """Train: :func:`train_order` of (seed, epoch) less its first ``skip_batches`` batches (those a resumed run
+    already trained on); dev/test: in order, whole split."""
+    if not train:
+        return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.num_workers,
+                          collate_fn=collate)
+    order = train_order(len(dataset), seed, epoch)[skip_batches * config.train_batch_size:]
+    # Its own generator: the DataLoader would otherwise draw its workers' base seed from the global RNG, which
+    # dropout also draws from, and a resumed run creates one DataLoader more than the run it continues.
+    return DataLoader(dataset, batch_size=config.train_batch_size, sampler=order, num_workers=config.num_workers,
+                      collate_fn=collate, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+# --- resuming mid-epoch -------------------------------------------------------------------------
+
+
+@dataclass
+class ResumePoint:
+    """Where a checkpoint's run stopped: S3PRL restores its Step and Epoch but restarts that epoch at its
+    first batch, so the expert leaves out the batches already trained on (each step is
+    ``accumulate`` batches; an epoch's batches never change, see :func:`train_order`)."""
+
+    step: int
+    epoch: int
+    accumulate: int
+    checkpoint: str
+    pending: bool = True
+
+    def batches_done(self, epoch: int, per_epoch: int) -> int:
+        """Batches of ``epoch`` to skip: nonzero only in the first epoch after resuming."""
+        if not self.pending or epoch != self.epoch:
+            return 0
+        self.pending = False
+        done = self.step * self.accumulate - self.epoch * per_epoch
+        if not 0 < done <= per_epoch:
+            raise StimulusError(
+                f"cannot continue {self.checkpoint} exactly: its step {self.step} x {self.accumulate} accumulated "
+                f"batches does not end in its epoch {self.epoch} of {per_epoch} batches, so the training batches "
+                "changed since it was saved (train_batch_size, clips, gradient_accumulate_steps or the number of "
+                "processes; or S3PRL skipped a batch after CUDA ran out of memory): resume with the settings it "
+                "was saved with, or train in a new expdir")
+        return done

@@ -10,6 +10,12 @@ logits of every clip, and scores them once at corpus level against every label s
 The upstream's identity (:mod:`s3prl_stimulus.integration.identity`) is saved in every checkpoint
 as the expert's extra state and in every results JSON; a ``-e``/``-i`` checkpoint of other upstream
 weights is refused before anything is written.
+
+Resuming (``-a``, ``-e``; ``-i`` in training) continues exactly where the checkpoint's run was: the
+training batches of an epoch depend only on (seed, epoch), the batches of the checkpoint's epoch already
+trained on are skipped (S3PRL restarts the epoch at its first batch), and the Python, numpy and torch
+random-number states saved with the checkpoint are put back (S3PRL saves none), so dropout continues
+its stream. Under DDP only rank 0's states are saved: see :meth:`DownstreamExpert._warn_ddp_randomness`.
 """
 
 from __future__ import annotations
@@ -30,24 +36,29 @@ from s3prl_stimulus.integration.identity import (EXTRA_STATE_KEY, UpstreamIdenti
 from s3prl_stimulus.io import write_json_atomic
 from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, soft_cross_entropy
 from s3prl_stimulus.metrics import binarize, macro_f1
+from s3prl_stimulus.seeds import restore_rng_states, rng_states
 
 from s3prl_stimulus.labels import FoldLabels
 from s3prl_stimulus.results import FINAL_TAG, coverage, predictions_frame, score_stimuli, write_evaluation
 
 from .dataset import (
-    NOTE, SPLITS, ClipDataset, DataConfig, check_audio, fold_clips, make_loader, normalisation_stats, parse_evalrc,
+    NOTE, SPLITS, ClipDataset, DataConfig, ResumePoint, batches_per_epoch, check_audio, fold_clips, make_loader,
+    normalisation_stats, parse_evalrc,
 )
 from .model import StimulusHead, check_checkpoint, layer_weights, load_checkpoint
 
 DOWNSTREAM = "emotion_stimulus"
 ALLOW_UNVERIFIED = "-o config.downstream_expert.evalrc.allow_unverified_upstream=True"
+RNG_KEY = "rng_states"
+"""Where the expert's extra state keeps the process's random-number states (beside the upstream identity)."""
 
 
 class DownstreamExpert(nn.Module):
     def __init__(self, upstream_dim: int, upstream_rate: int, downstream_expert: dict, expdir: str, **kwargs):
         super().__init__()
         self.expdir = Path(expdir)
-        self.args = {k: kwargs.get(k) for k in ("upstream", "upstream_ckpt", "seed", "mode", "init_ckpt", "upstream_trainable")}
+        self.args = {k: kwargs.get(k) for k in ("upstream", "upstream_ckpt", "seed", "mode", "init_ckpt", "past_exp",
+                                                "upstream_trainable", "specaug")}
         self.config = DataConfig.parse(downstream_expert["datarc"])
         self.evalrc = parse_evalrc(downstream_expert.get("evalrc"))
         self.clips = fold_clips(self.config)
@@ -65,6 +76,7 @@ class DownstreamExpert(nn.Module):
         self.checkpoint = None  # what the outputs need of -e/-i's checkpoint: its step and layer weights
         if self.args["init_ckpt"]:
             self._check_init_checkpoint(self.args["init_ckpt"])
+        self.resume = self._resume_point(kwargs.get("runner") or {})
         if not self.identity.verified:
             print(f"{NOTE} WARNING: {self.identity.reason}", file=sys.stderr)
         stats = normalisation_stats(self.config, self.clips["train"], self.expdir)
@@ -90,7 +102,44 @@ class DownstreamExpert(nn.Module):
         self.identity = verify_checkpoint(self.identity, checkpoint, path, self.evalrc["allow_unverified_upstream"],
                                           ALLOW_UNVERIFIED, "run it with the upstream it was trained on (-u/-k; "
                                           "with -e they come from the checkpoint: restore that -k file)")
-        self.checkpoint = {"step": int(checkpoint.get("Step", 0)), "layer_weights": layer_weights(checkpoint)}
+        self.checkpoint = {"step": int(checkpoint.get("Step", 0)), "epoch": int(checkpoint.get("Epoch", 0)),
+                           "layer_weights": layer_weights(checkpoint)}
+
+    # --- resuming a run exactly -------------------------------------------------------------------
+
+    def _resume_point(self, runner: dict) -> ResumePoint | None:
+        """In training, S3PRL continues from the checkpoint's Step, Epoch and optimizer (``-a``, ``-e`` and ``-i``)."""
+        if self.args["mode"] != "train" or self.checkpoint is None or not self.checkpoint["step"]:
+            return None
+        self._warn_ddp_randomness()
+        return ResumePoint(self.checkpoint["step"], self.checkpoint["epoch"],
+                           int(runner.get("gradient_accumulate_steps") or 1), str(self.args["init_ckpt"]))
+
+    def _warn_ddp_randomness(self) -> None:
+        """Each DDP process has its own random stream and only rank 0's is saved: with dropout, SpecAugment or
+        a trainable upstream the resumed run draws other random numbers than the uninterrupted one would."""
+        dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.head.modules())
+        if torch.distributed.is_initialized() and (dropout or self.args["upstream_trainable"] or self.args["specaug"]):
+            if torch.distributed.get_rank() == 0:
+                print(f"{NOTE} WARNING: resuming under DDP with dropout, specaug or -f: the processes' random-number "
+                      "states are not all in the checkpoint, so from here the run is not identical to an "
+                      "uninterrupted one (batches and parameters at the resume point are)", file=sys.stderr)
+
+    def _train_batches_to_skip(self, epoch: int) -> int:
+        if self.resume is None:
+            return 0
+        per_epoch = batches_per_epoch(len(self.datasets["train"]), self.config)
+        try:
+            skip = self.resume.batches_done(epoch, per_epoch)
+        except StimulusError as error:
+            if self.args["past_exp"]:  # -a / -e: a resume that cannot be exact is refused
+                raise
+            print(f"{NOTE} WARNING: -i {error}; continuing from the epoch's first batch", file=sys.stderr)
+            return 0
+        if skip and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            print(f"{NOTE} resuming at step {self.resume.step} in epoch {epoch}: skipping its first {skip} of "
+                  f"{per_epoch} training batches (trained on before {Path(self.resume.checkpoint).name})", file=sys.stderr)
+        return skip
 
     def identity_now(self) -> UpstreamIdentity:
         """A trainable upstream (``-f``) changes as it trains, and S3PRL saves it with the head: fingerprint
@@ -100,18 +149,32 @@ class DownstreamExpert(nn.Module):
         return dataclasses.replace(self.identity, weights_sha256=self._fingerprint_upstream())
 
     def get_extra_state(self) -> dict:
-        """Saved under ``Downstream`` in every checkpoint S3PRL writes."""
-        return checkpoint_state(self.identity_now())
+        """Saved under ``Downstream`` in every checkpoint S3PRL writes, after that step's evaluation: the
+        upstream's identity and the random-number states the next step starts from."""
+        return checkpoint_state(self.identity_now()) | {RNG_KEY: rng_states()}
 
     def set_extra_state(self, state) -> None:
-        """Nothing to restore: ``__init__`` checked this checkpoint's identity (the runner loads the same ``init_ckpt``)."""
+        """``__init__`` checked this checkpoint's identity (the runner loads the same ``init_ckpt``). When
+        training resumes, the random-number states go back: S3PRL loads the downstream last, and nothing
+        draws random numbers between here and the first resumed step."""
+        saved = state.get(RNG_KEY) if hasattr(state, "get") else None
+        if self.resume is None or torch.distributed.is_initialized():
+            return
+        if saved is None:  # written by an older version, whose epochs were shuffled from the global stream
+            print(f"{NOTE} WARNING: {self.resume.checkpoint} holds no random-number states (saved by an older "
+                  "version): the resumed run continues, but not identically to an uninterrupted one", file=sys.stderr)
+            return
+        restore_rng_states(saved)
 
     # --- S3PRL interface ------------------------------------------------------------------------
 
     def get_dataloader(self, split: str, epoch: int = 0):
         if split not in self.datasets:
             raise StimulusError(f"unknown split {split!r}: {DOWNSTREAM} has train, dev and test (-t, runner.eval_dataloaders)")
-        return make_loader(self.datasets[split], self.config, train=split == "train", epoch=epoch)
+        if split != "train":
+            return make_loader(self.datasets[split], self.config, train=False)
+        return make_loader(self.datasets[split], self.config, train=True, epoch=epoch, seed=int(self.args["seed"] or 0),
+                           skip_batches=self._train_batches_to_skip(epoch))
 
     def forward(self, split: str, features: list, targets: torch.Tensor, clips: list, records, **kwargs):
         logits = self.head(features)
@@ -182,7 +245,10 @@ class DownstreamExpert(nn.Module):
             "schema": 1, "path": "s3prl", "upstream": self.args["upstream"], "upstream_ckpt": self.args["upstream_ckpt"],
             "fold": self.config.fold, "train_stimulus": self.config.train_stimulus, "votes": self.config.votes,
             "seed": self.args["seed"], "step": step,
-            "checkpoint": None if self.checkpoint is None else str(self.args["init_ckpt"]), "split": split,
+            # the file whose head was scored: only -m evaluate scores one (training scores the running head,
+            # also after resuming from, or starting with -i from, a checkpoint)
+            "checkpoint": str(self.args["init_ckpt"]) if self.args["mode"] == "evaluate" and self.checkpoint else None,
+            "split": split,
             "upstream_label": self.config.upstream_label or self.args["upstream"],
         } | {"upstream_identity": self.identity_now().record()}
 

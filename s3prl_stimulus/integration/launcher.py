@@ -13,7 +13,9 @@
    torchrun (which passes the rank only in ``LOCAL_RANK``; without the flag S3PRL trains one
    independent copy per process);
 4. warns when ``-k`` goes to a hub entry that drops it (:mod:`s3prl_stimulus.integration.hub_entries`):
-   ``-u wavlm_large -k FILE`` would download instead of reading FILE.
+   ``-u wavlm_large -k FILE`` would download instead of reading FILE;
+5. makes a kill harmless (:mod:`s3prl_stimulus.integration.interruptions`): checkpoints are written
+   atomically, and a training run first deletes the temporary files a killed write left in its expdir.
 
 Then it calls ``s3prl.run_downstream.main()``, which reads ``sys.argv`` as when S3PRL is run directly.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.integration.hub_entries import fetch_failure, ignored_ckpt
+from s3prl_stimulus.integration.interruptions import atomic_checkpoint_saves, clear_interrupted_writes
 from s3prl_stimulus.integration.registration import DOWNSTREAM_NAME, downstream_folder
 from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.seeds import check_seed
@@ -208,6 +211,24 @@ def check_resumable(expdir: Path) -> None:
                             f"a torch checkpoint): {earlier}") from None
 
 
+def _training_expdir(argv: list[str]) -> Path | None:
+    """The expdir a training run writes to: ``-p``/``-n``, or with ``-e CKPT`` the checkpoint's folder."""
+    known, _ = _known_arguments().parse_known_args(argv)
+    if known.mode != "train" or known.help:
+        return None
+    return Path(known.past_exp).parent if known.past_exp else Path(_expdir(known))
+
+
+def _clear_interrupted(argv: list[str]) -> list[str]:
+    """Before S3PRL starts (no process writes in the expdir yet), delete what killed writes left there."""
+    expdir = _training_expdir(argv)
+    removed = [] if expdir is None else clear_interrupted_writes(expdir)
+    if not removed:
+        return []
+    return [f"{expdir}: removed {len(removed)} leftover temporary file(s) of an interrupted write "
+            f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})"]
+
+
 def _step_of(path: Path) -> int:
     # S3PRL's own ordering: the number after the last '-' of the file name.
     try:
@@ -241,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     install_alias()
+    atomic_checkpoint_saves()
     if _is_leader(os.environ):
+        notes += _clear_interrupted(argv)
         for note in notes:
             print(f"{NOTE} {note}", file=sys.stderr)
     if "-h" in argv or "--help" in argv:
