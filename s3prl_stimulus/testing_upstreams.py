@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -212,7 +213,8 @@ def _mockingjay_family(layers: int, target: str, legacy: bool):
         from s3prl.upstream.mockingjay.model import TransformerConfig, TransformerModel, TransformerSpecPredictionHead
 
         upstream_config = _transformer_config(layers, target)
-        _, input_dim, target_dim = get_preprocessor(_copy(upstream_config["audio"]), process_input_only=True)
+        # get_preprocessor edits the dict it is given
+        _, input_dim, target_dim = get_preprocessor(copy.deepcopy(upstream_config["audio"]), process_input_only=True)
         config = TransformerConfig(upstream_config["transformer"])
         transformer = _seeded_model(seed, lambda: TransformerModel(config, input_dim))
         head = _seeded_model(seed + 1, lambda: TransformerSpecPredictionHead(config, target_dim))
@@ -239,12 +241,6 @@ def _transformer_config(layers: int, target: str) -> dict:
              "input": {"feat_type": "mel", **feature},
              "target": {"feat_type": target, **feature, "channel": 1, "log": target == "mel"}}
     return {"transformer": transformer, "task": {"loss": "L1", "sequence_length": 1500}, "audio": audio}
-
-
-def _copy(value):
-    import copy
-
-    return copy.deepcopy(value)
 
 
 # ---------------------------------------------------------------- saving

@@ -135,7 +135,7 @@ def test_cached_path_is_s3prls_own_naming(hub, offline_cache):
 
     for name in WITH_WEIGHTS:
         url = paper_upstream(name).url
-        assert Path(_urls_to_filepaths(url, download=False)) == cached_weights_path(url)
+        assert Path(_urls_to_filepaths(url, download=False)) == cached_weights_path(url).resolve()
 
 
 # ---------------------------------------------------------------- each upstream builds and forwards
