@@ -85,12 +85,14 @@ def checks(request: Request, workdir: Path) -> Iterator[Check]:
     yield from stack
     if not _passed(stack, "torch"):
         return  # everything below needs torch
-    s3prl_imports = _passed(stack, "S3PRL")
-    yield from _guarded("the shims", shim_checks, workdir)
+    shims = list(_guarded("the shims", shim_checks, workdir))
+    yield from shims
     yield from _guarded("the downstream", lambda: [downstream_check()], workdir)
     yield from _guarded("the upstreams", lambda: [upstream_check(u) for u in PAPER_UPSTREAMS], workdir)
-    if not s3prl_imports:
-        yield Check(False, "upstream build and smoke run: not run, S3PRL does not import", INSTALL)
+    s3prl_runs = _passed(stack, "S3PRL") and _passed(stack, "S3PRL's runtime:") and all(c.ok for c in shims)
+    if not s3prl_runs:
+        yield Check(False, f"upstream build and smoke run: not run without a working S3PRL {S3PRL_VERSION} (see above)",
+                    INSTALL)
         return
     device = request.device or _default_device()
     if request.upstream != "fbank" or request.ckpt:
@@ -115,7 +117,8 @@ def _guarded(what: str, produce: Callable[[], Iterable[Check]], workdir: Path) -
 
 
 def _passed(checks_made: list[Check], subject: str) -> bool:
-    return any(c.ok and c.what.startswith(subject + " ") for c in checks_made)
+    """Whether the check about ``subject`` (the first word(s) of its line) was made and passed."""
+    return any(c.ok and c.what.startswith(subject if subject.endswith(":") else subject + " ") for c in checks_made)
 
 
 def _one_line(error: BaseException) -> str:
@@ -280,6 +283,8 @@ def built_check(request: Request, device: str, workdir: Path) -> Check:
     if missing:
         return missing
     started = time.perf_counter()
+    if facts is not None and facts.url is not None and request.download and not request.ckpt:
+        _download(facts.url)  # before S3PRL's output is silenced: its progress bar shows
     with _quiet(workdir / "build.log"):
         upstream, featurizer = build_upstream(UpstreamSpec(request.upstream, request.ckpt), device)
         n_hidden, dim, rate = _measure(upstream, featurizer, device)
@@ -308,6 +313,13 @@ def _missing_weights(request: Request, facts: Optional[PaperUpstream]) -> Option
         return None
     return Check(False, f"{request.upstream}: weights not in S3PRL's download cache, nothing downloaded",
                  f"add --download (about {facts.weights_mb} MB), or pass -u {facts.local} -k FILE")
+
+
+def _download(url: str) -> None:
+    """S3PRL's own downloader: the file lands where its hub looks for it (``cached_weights_path``)."""
+    from s3prl.util.download import _urls_to_filepaths
+
+    _urls_to_filepaths(url)
 
 
 def _measure(upstream, featurizer, device: str) -> tuple[int, int, int]:

@@ -99,7 +99,7 @@ def test_a_broken_s3prl_is_a_failed_line_with_the_install_fix(tmp_path):
     lines = lines_of(run)
     assert line_starting(lines, "S3PRL:") == (
         f"✗ S3PRL: does not import (ImportError: s3prl is broken here) — fix: {doctor.INSTALL}")
-    assert line_starting(lines, "upstream build and smoke run").startswith("✗ upstream build and smoke run: not run")
+    assert line_starting(lines, "upstream build and smoke run").startswith("✗ upstream build and smoke run: not run without")
     assert line_starting(lines, "torch ").startswith("✓") and line_starting(lines, "Python ").startswith("✓")
     assert sum(line.startswith("✓ ") and " hidden state" in line for line in lines) == 15  # the table needs no S3PRL
 

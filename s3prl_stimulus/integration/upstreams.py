@@ -4,9 +4,11 @@ One row per name of ``recipes/upstreams.txt``: S3PRL's hub name, the ``*_local``
 checkpoint format from a file (``-u LOCAL -k FILE``), the hidden states the featurizer sees (count x width),
 S3PRL's downsample rate (input samples per frame: 320 = 50 frames per second), the parameter count, the URL
 S3PRL downloads and the checkpoint layout its expert reads. Counts, widths and rates are those of the released
-models as S3PRL's experts expose them; parameter counts are S3PRL's model classes built from the released
-configurations (rounded; SUPERB's tables for the RNN/CNN models). ``tests/test_upstreams.py`` checks every row
-against S3PRL's code: the URLs against its hub functions, counts and rates against models it builds.
+models as S3PRL's experts expose them. Parameter counts (millions, rounded) are S3PRL's own model classes counted
+at the released sizes for the wav2vec 2.0 family, HuBERT, data2vec, wav2vec and DeCoAR 2, and SUPERB's published
+counts for WavLM and the RNN/CNN/small-transformer models. ``tests/test_upstreams.py`` checks every row against
+S3PRL's code: URLs against its hub functions, hidden-state counts and rates against the models it builds (and
+DeCoAR 2's parameters, built at full size).
 
 Standard library only: ``s3prl-stimulus doctor`` lists these facts before it imports torch or S3PRL.
 """
