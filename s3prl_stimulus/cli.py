@@ -28,6 +28,7 @@ COMMANDS = {
     "download": "download CREMA-D's AudioWAV clips, verified against the packaged manifest",
     "verify": "check a CREMA-D AudioWAV directory (presence, size, checksum, WAV format)",
     "report": "tables and figures from a results directory (Tables II-IV, Fig. 2)",
+    "doctor": "check this machine's stack, the paper's upstreams and a 30 s smoke run, one line per check",
 }
 
 

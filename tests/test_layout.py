@@ -17,7 +17,8 @@ LAYERS = [
     ("cache", {"s3prl_stimulus.cache"}),
     ("study", {"s3prl_stimulus.study"}),
     ("entry points", {"s3prl_stimulus.cli", "s3prl_stimulus.commands", "s3prl_stimulus.run_downstream",
-                      "s3prl_stimulus.testing", "s3prl_stimulus.__main__"}),
+                      "s3prl_stimulus.testing", "s3prl_stimulus.testing_upstreams", "s3prl_stimulus.doctor",
+                      "s3prl_stimulus.__main__"}),
 ]
 
 

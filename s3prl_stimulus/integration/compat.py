@@ -11,7 +11,9 @@ downstream code runs (facts measured in ``docs/s3prl_stack.md``):
 - huggingface_hub >= 1.0 removed ``HfFolder`` and ``Repository``, imported at module level by
   ``run_downstream`` and the runner (they are only used to push results to the Hub);
 - torch >= 2.6 loads checkpoints with ``weights_only=True``, which rejects the
-  ``argparse.Namespace`` every S3PRL checkpoint stores under ``Args`` (``-e``, ``-a``, ``-i``).
+  ``argparse.Namespace`` every S3PRL checkpoint stores under ``Args`` (``-e``, ``-a``, ``-i``) and the
+  numpy numbers some upstream checkpoints hold; and S3PRL's WavLM/DeCoAR 2 experts load without
+  ``map_location``, so GPU-saved weights fail without CUDA (:mod:`s3prl_stimulus.integration.checkpoints`).
 
 :func:`prepare_s3prl_stack` patches exactly these, each only when it is missing, and must run
 before anything imports S3PRL (the launcher, :mod:`s3prl_stimulus.integration.launcher`, calls it first).
@@ -19,7 +21,6 @@ before anything imports S3PRL (the launcher, :mod:`s3prl_stimulus.integration.la
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import logging
@@ -29,6 +30,7 @@ import types
 import warnings
 
 from s3prl_stimulus.errors import StimulusError
+from s3prl_stimulus.integration import checkpoints
 
 log = logging.getLogger("s3prl_stimulus")
 
@@ -43,6 +45,18 @@ INSTALL_HINT = (
 )
 
 
+SHIMS = {
+    "torchaudio-without-extension": "this torchaudio was built for another torch: only its pure-Python parts are used",
+    "torchaudio.set_audio_backend": "removed in torchaudio 2.9; S3PRL calls it (a no-op here)",
+    "torchaudio.sox_effects": "removed in torchaudio 2.9; S3PRL's MOS upstream imports it (a stand-in that fails if called)",
+    "huggingface_hub.HfFolder": "removed in huggingface_hub 1.0; imported by S3PRL's runner (Hub upload only)",
+    "huggingface_hub.Repository": "removed in huggingface_hub 1.0; imported by S3PRL's runner (Hub upload only)",
+    "torch.load-allow-list": "torch >= 2.6 loads weights only: argparse.Namespace and numpy numbers of S3PRL's checkpoints allowed",
+    "torch.load-cpu-map-and-one-line-refusals": "GPU-saved weights map to the CPU without CUDA; other refused classes named in one line",
+}
+"""What each name :func:`prepare_s3prl_stack` returns patches, and why (``s3prl-stimulus doctor`` prints it)."""
+
+
 def prepare_s3prl_stack() -> tuple[str, ...]:
     """Patch the running interpreter so S3PRL 0.4.18 imports and runs; return the shims applied.
 
@@ -53,7 +67,7 @@ def prepare_s3prl_stack() -> tuple[str, ...]:
     """
     global _applied
     if _applied is not None:
-        _allow_namespace_in_torch_load()
+        checkpoints.allow_checkpoint_classes()
         return _applied
     _check_runtime_installed()
     applied = []
@@ -65,8 +79,10 @@ def prepare_s3prl_stack() -> tuple[str, ...]:
     if _add_sox_effects_stub(torchaudio):
         applied.append("torchaudio.sox_effects")
     applied.extend(_add_huggingface_hub_names(importlib.import_module("huggingface_hub")))
-    if _allow_namespace_in_torch_load():
-        applied.append("torch.load-argparse.Namespace")
+    if checkpoints.allow_checkpoint_classes():
+        applied.append("torch.load-allow-list")
+    if checkpoints.install():
+        applied.append("torch.load-cpu-map-and-one-line-refusals")
     _silence_known_deprecations()
     _applied = tuple(applied)
     return _applied
@@ -272,23 +288,6 @@ def _add_huggingface_hub_names(hub: types.ModuleType) -> list[str]:
 
 
 # ---------------------------------------------------------------- torch
-
-
-def _allow_namespace_in_torch_load() -> bool:
-    """Allow-list ``argparse.Namespace`` for ``torch.load(weights_only=True)`` (torch >= 2.6 default).
-
-    Every S3PRL checkpoint stores the run's arguments as a Namespace; allow-listing that one
-    class keeps the protection against arbitrary pickles for everything else.
-    """
-    import torch.serialization
-
-    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
-    if add_safe_globals is None:  # torch < 2.4 loads full pickles by default anyway
-        return False
-    if argparse.Namespace in getattr(torch.serialization, "get_safe_globals", list)():
-        return False
-    add_safe_globals([argparse.Namespace])
-    return True
 
 
 def _silence_known_deprecations() -> None:
