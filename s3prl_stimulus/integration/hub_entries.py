@@ -9,29 +9,16 @@ tables were read from the ``hubconf.py`` files of S3PRL 0.4.18's upstreams (``te
 checks them against the installed S3PRL): e.g. ``vq_apc`` is ``apc_url`` with another URL, so its file is
 read by ``apc_local``; ``modified_cpc`` lives in ``upstream/cpc`` and its file is read by ``cpc_local``.
 
-Standard library only: the launcher consults it before S3PRL is imported.
+Imports no third-party module: the launcher consults it before S3PRL is imported. The local entries come from the paper-upstream table (:mod:`.upstreams`), the one place they are written.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-LOCAL_ENTRY = {
-    "wavlm_large": "wavlm_local",
-    "xls_r_1b": "wav2vec2_local",
-    "wav2vec2_large_ll60k": "wav2vec2_local",
-    "wav2vec2_large_lv60_cv_swbd_fsh": "wav2vec2_local",
-    "hubert_large_ll60k": "hubert_local",
-    "data2vec_large_ll60k": "data2vec_local",
-    "decoar2": "decoar2_local",
-    "wav2vec": "wav2vec_local",
-    "apc": "apc_local",
-    "vq_apc": "apc_local",
-    "tera": "tera_local",
-    "mockingjay": "mockingjay_local",
-    "npc": "npc_local",
-    "modified_cpc": "cpc_local",
-}
+from s3prl_stimulus.integration.upstreams import PAPER_UPSTREAMS
+
+LOCAL_ENTRY = {u.name: u.local for u in PAPER_UPSTREAMS if u.local}
 """The paper's pretrained upstreams (S3PRL names) -> the hub entry that loads the same model from ``-k FILE``."""
 
 WAVEFORM_FEATURES = frozenset({"fbank", "fbank_no_cmvn", "mel", "mfcc", "linear", "spectrogram"})
