@@ -307,6 +307,14 @@ def test_report_command_compares_with_the_packaged_numbers(perfect, capsys):
         assert f"- {line.removeprefix('paper: ')}" in index
     for stem in ("reproduction_table2", "reproduction_table3", "reproduction_table4", "reproduction_table4_per_class"):
         assert f"[{stem}.md]({stem}.md)" in index and f"[{stem}.tex]({stem}.tex)" in index
+    for path in sorted(out.glob("reproduction_*.tex")):  # booktabs tables as the report's others (test_reports)
+        text = path.read_text()
+        assert "_" not in re.sub(r"\\_|\\label\{[^}]*\}", "", text.split("\n", 1)[1])
+        lines = text.splitlines()
+        top, mid, bottom = (lines.index(rule) for rule in (r"\toprule", r"\midrule", r"\bottomrule"))
+        spec = re.search(r"\\begin\{tabular\}\{([lcr]+)\}", text).group(1)
+        rows = lines[top + 1:mid] + lines[mid + 1:bottom]
+        assert rows and all(len(re.split(r"(?<!\\)&", r)) == len(spec) for r in rows), path
     latex = (out / "reproduction_table4.tex").read_text()
     assert r"voice $\rightarrow$ voice" in latex and r"\textbf{no}" in latex and "†" not in latex
     markdown = (out / "reproduction_table4.md").read_text()
