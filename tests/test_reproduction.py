@@ -41,7 +41,7 @@ def votes():
 
 
 def write_run(root: Path, votes, upstream: str, train: str, fold: int, *, label: str | None = None, seed: int = 0,
-              perfect: bool = False, whole_split: bool = False, strength: float = 2.0) -> Path:
+              perfect: bool = False, whole_split: bool = False, strength: float = 2.0, votes_name: str = "paper") -> Path:
     """One run's results JSON and predictions CSV. ``perfect``: the train label set's binary targets exactly
     (softmax 1/k on the k positive classes, uniform when none), so the matched macro-F1 is 1; else noisy
     predictions correlated with them. Not ``whole_split``: CLIPS_PER_FOLD of the fold's test clips, said so."""
@@ -67,7 +67,7 @@ def write_run(root: Path, votes, upstream: str, train: str, fold: int, *, label:
               for t in STIMULI}
     n_split = len(split_clips(fold, "test"))
     results = {"schema": 1, "path": "cache", "upstream": upstream, "upstream_label": label or upstream, "fold": fold,
-               "train_stimulus": train, "votes": "paper", "seed": seed, "step": 100, "checkpoint": "dev-best.ckpt",
+               "train_stimulus": train, "votes": votes_name, "seed": seed, "step": 100, "checkpoint": "dev-best.ckpt",
                "split": "test", "n_clips": len(clips), "partition_clips": n_split, "complete": len(clips) == n_split,
                "test_stimuli": scores}
     (run_dir / "results-test-dev-best.json").write_text(json.dumps(results))
@@ -230,7 +230,9 @@ def test_table3_matches_systems_by_upstream_and_says_what_it_left_out(noisy):
                            "wavlm_large 2/2, fbank 0/0); 1 missing; 3 without a CI (several seeds); max |ours - paper| ")
     assert line.endswith("; † built from incomplete runs; 1 system(s) not compared (upstream not the paper's)")
     notes = " ".join(table.notes)
-    assert "Not compared (upstream not one of the paper's): wavlm_local (upstream wavlm_local)." in notes
+    assert ("Not compared (upstream not one of the paper's): wavlm_local (upstream wavlm_local: a local entry, e.g. "
+            "wavlm_large from a file; the model it read is not known by name, so run the hub name (wavlm_large) to "
+            "compare).") in notes
     assert "no all (train = test) column" in notes
     markdown = to_markdown(table)
     fbank = next(line for line in markdown.splitlines() if line.startswith("| fbank ") and "| voice |" in line)
@@ -240,12 +242,18 @@ def test_table3_matches_systems_by_upstream_and_says_what_it_left_out(noisy):
     assert "(† built from incomplete runs)" in table.title
 
 
-def test_table4_of_another_upstream_is_not_compared(tmp_path, votes):
+def test_table4_of_another_upstream_is_not_compared_and_table2_follows_the_votes_source(tmp_path, votes):
     for train in ("voice", "face"):
         for fold in FOLDS:
-            write_run(tmp_path, votes, "hubert_large_ll60k", train, fold)
+            write_run(tmp_path, votes, "hubert_large_ll60k", train, fold, votes_name="crema-d")
     report = build_report(tmp_path, settings=ScoreSettings(num_bootstraps=10))
     result = compare_with_paper(report)
+    table2 = by_cell(result.tables[0], "a", "b")
+    crema_d = agreement_matrix(load_votes("crema-d"))
+    assert table2[("all", "voice")]["difference"] == pytest.approx(float(crema_d.loc["all", "voice"]) - 0.745)
+    assert table2[("all", "voice")]["difference"] < -0.005  # CREMA-D's own votes: not the paper's labels
+    assert result.summary[0].startswith("Table II (CCC, votes 'crema-d'): 6 pairs compared; max |ours - paper| 0.0")
+    assert any("The paper's labels are those of votes 'paper'" in n for n in result.tables[0].notes)
     assert [t.stem for t in result.tables] == ["reproduction_table2", "reproduction_table3"]
     assert "Table IV: not compared (the paper's Table IV is WavLM Large; no system here has upstream wavlm_large)" \
         in result.summary

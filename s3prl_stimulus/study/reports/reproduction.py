@@ -26,6 +26,7 @@ from typing import Optional
 import pandas as pd
 
 from s3prl_stimulus import CLASSES, STIMULI
+from s3prl_stimulus.integration.upstreams import PAPER_UPSTREAMS
 from s3prl_stimulus.paper import PaperNumbers, load_paper_numbers
 from s3prl_stimulus.study.reports.build import Report
 from s3prl_stimulus.study.reports.scoring import Cell
@@ -139,7 +140,7 @@ def _common_notes(report: Report, paper: PaperNumbers) -> tuple:
 def compare_table2(report: Report, paper: PaperNumbers, digits: int) -> tuple:
     votes = report.study.votes
     if report.agreement is None:
-        return None, [f"Table II: not compared (the report has no agreement matrix for votes {votes!r}; see the notes)"]
+        return None, [f"Table II: not compared (the report has no agreement matrix for votes {votes!r}; see the notes)"], []
     rows, md, numbers = [], {}, []
     for a, b in ((a, b) for i, b in enumerate(STIMULI) for a in STIMULI[i + 1:]):  # the paper's order
         ours, theirs = float(report.agreement.loc[a, b]), paper.ccc(a, b)
@@ -159,10 +160,19 @@ def compare_table2(report: Report, paper: PaperNumbers, digits: int) -> tuple:
                f"(the paper prints {paper.agreement_decimals} decimals)")
     table = Table("reproduction_table2", f"Table II reproduced: CCC between label sets, ours (votes {votes}) vs the paper",
                   cells, latex, pd.DataFrame(numbers), tuple(notes))
-    return table, [summary]
+    return table, [summary], notes[1:]
 
 
 # --- Table III -------------------------------------------------------------------------------------
+
+
+def _local_hint(upstream: str) -> str:
+    """Why a local entry of a paper upstream is not matched: the file it read could be any model of its family."""
+    for entry in PAPER_UPSTREAMS:
+        if entry.local == upstream:
+            return (f": a local entry, e.g. {entry.name} from a file; the model it read is not known by name, so "
+                    f"run the hub name ({entry.name}) to compare")
+    return ""
 
 
 def compare_table3(report: Report, paper: PaperNumbers, digits: int) -> tuple:
@@ -172,7 +182,7 @@ def compare_table3(report: Report, paper: PaperNumbers, digits: int) -> tuple:
     notes = ["Systems are matched to the paper's rows by their runs' upstream (S3PRL hub name), not by label."]
     if skipped:
         notes.append("Not compared (upstream not one of the paper's): "
-                     + ", ".join(f"{s} (upstream {upstreams[s]})" for s in skipped) + ".")
+                     + ", ".join(f"{s} (upstream {upstreams[s]}{_local_hint(upstreams[s])})" for s in skipped) + ".")
     omitted = [s for s in report.study.train_stimuli if s not in paper.matched_stimuli]
     if omitted and compared:
         notes.append(f"The paper's Table III has no {', '.join(omitted)} (train = test) column: our {', '.join(omitted)} matched cells "
@@ -283,15 +293,9 @@ def compare_with_paper(report: Report, decimals: int = 3, paper: Optional[PaperN
     paper = load_paper_numbers() if paper is None else paper
     digits = max(int(decimals), paper.f1_decimals)
     result = Reproduction()
-    table2, summary = compare_table2(report, paper, digits)
-    result.tables += [table2] if table2 is not None else []
-    result.summary += summary
-    table3, summary, notes = compare_table3(report, paper, digits)
-    result.tables += [table3] if table3 is not None else []
-    result.summary += summary
-    result.notes += notes
-    tables4, summary, notes = compare_table4(report, paper, digits)
-    result.tables += tables4
-    result.summary += summary
-    result.notes += notes
+    for compare in (compare_table2, compare_table3, compare_table4):
+        tables, summary, notes = compare(report, paper, digits)
+        result.tables += [t for t in (tables if isinstance(tables, list) else [tables]) if t is not None]
+        result.summary += summary
+        result.notes += notes
     return result
