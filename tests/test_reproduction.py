@@ -29,7 +29,7 @@ from s3prl_stimulus.paper import PAPER_FILE, PaperCell, load_paper_numbers, pars
 from s3prl_stimulus.partition import FOLDS, speakers_of, split_clips
 from s3prl_stimulus.resources import packaged_file
 from s3prl_stimulus.study.reports import ScoreSettings, build_report, compare_with_paper
-from s3prl_stimulus.study.reports.tables import to_latex, to_markdown
+from s3prl_stimulus.study.reports.tables import to_markdown
 
 CLIPS_PER_FOLD = 40
 BOOTSTRAPS = 50
