@@ -17,6 +17,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 SHA256 = {
     "audiowav_manifest.csv.gz": "84850d3d9db35399806fdefdc38f95bb74c6720b7d496a5d5471ff3bac1491c4",
+    "paper_results.json": "3c5e057ddc3fcfea372010141869e23c140b2602be72244b9a6bf40e4dc0e22a",
     "folds.csv.gz": "2b07e9b16cd21ac834bd97fc95e10446e6511d921f1595baf8baecfdae992174",
     "votes_crema_d.csv.gz": "5ef38a35c2a4b69c699627597288271812de0dabaec371d5df10141fcdc737ef",
     "votes_paper.csv.gz": "559a71d86c77ba54926fd7367462ca3ee491315698e4b99b61a97315ac29d643",

@@ -11,7 +11,7 @@ LAYERS = [
     ("init", {"s3prl_stimulus"}),
     ("foundations", {f"s3prl_stimulus.{m}" for m in ("errors", "io", "resources", "tables", "audio", "seeds", "progress")}),
     ("concepts", {f"s3prl_stimulus.{m}" for m in ("labels", "partition", "loss", "metrics", "agreement", "results",
-                                                   "label_files")}),
+                                                   "label_files", "paper")}),
     ("integration", {"s3prl_stimulus.integration"}),
     ("downstream", {"s3prl_stimulus.downstream"}),
     ("cache", {"s3prl_stimulus.cache"}),

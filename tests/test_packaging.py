@@ -63,6 +63,10 @@ def test_wheel_holds_every_module_and_the_downstream(built):
         assert f"s3prl_stimulus/downstream/emotion_stimulus/{name}" in names
     assert "s3prl_stimulus_alias.pth" in names
     assert not any(name.startswith("downstream/") for name in names)  # never a top-level package "downstream"
+    from s3prl_stimulus.resources import SHA256
+
+    for name in SHA256:  # every packaged data file (votes, folds, manifest, the paper's numbers)
+        assert f"s3prl_stimulus/data/{name}" in names
 
 
 def test_sdist_holds_the_top_level_downstream_folder(built):

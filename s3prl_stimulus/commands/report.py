@@ -1,11 +1,12 @@
-"""s3prl-stimulus report: the paper's Tables II-IV, paired tests and figures from a results tree."""
+"""s3prl-stimulus report: the paper's Tables II-IV, paired tests and figures from a results tree, compared with the
+paper's published numbers (one summary line per table printed)."""
 
 from __future__ import annotations
 
 import argparse
 
 from s3prl_stimulus.io import check_writable_dir
-from s3prl_stimulus.study.reports import ScoreSettings, make_report
+from s3prl_stimulus.study.reports import ScoreSettings, compare_with_paper, make_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"report: {len(study.runs)} runs, {len(study.systems)} upstream(s), votes {study.votes!r} -> {args.out}/index.md")
     if not study.missing.empty:
         print(f"missing: {len(study.missing)} run(s) or test label sets, listed in {args.out}/missing_runs.csv")
+    for line in compare_with_paper(report, args.decimals).summary:
+        print(f"paper: {line}")
     for note in report.notes:
         print(f"note: {note}")
     return 0

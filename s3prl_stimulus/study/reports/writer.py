@@ -3,7 +3,8 @@
 The data files are ``scores.csv`` (every pooled scoring: per seed, with its interval), ``fold_scores.csv``
 (the per-fold macro-F1, beside the one stored in each results JSON), ``missing_runs.csv`` and
 ``incomplete_runs.csv`` (runs on part of the corpus); ``index.md`` also states the scoring settings, how many
-runs were incomplete (every number built from them carries †), and lists the missing runs and the notes.
+runs were incomplete (every number built from them carries †), the comparison with the paper's numbers
+(:mod:`.reproduction`: one summary line per table, and its tables), and lists the missing runs and the notes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import write_csv_atomic, write_text_atomic
 from s3prl_stimulus.study.reports.build import Report, build_report
 from s3prl_stimulus.study.reports.figures import figure_heatmap, figure_layer_weights, figure_per_class
+from s3prl_stimulus.study.reports.reproduction import Reproduction, compare_with_paper
 from s3prl_stimulus.study.reports.tables import (
     table2, table3, table4, table4_per_class, table_paired, write_table,
 )
@@ -26,7 +28,18 @@ def _link(path: Path, out: Path) -> str:
     return f"[{path.name}]({path.relative_to(out).as_posix()})"
 
 
-def _index(report: Report, out: Path, tables: list, figures: dict, extra: list) -> str:
+def _reproduction_section(reproduction: Reproduction, written: list, out: Path) -> list:
+    lines = ["", "## Reproduction: the paper's numbers", "",
+             "Each cell the paper prints beside ours: the difference (ours − paper) and whether the paper's value lies "
+             "inside our CI. Systems are matched to the paper's rows by their runs' upstream (S3PRL hub name).", ""]
+    lines += [f"- {line}" for line in reproduction.summary] + [""]
+    lines += [f"- {table.title}: " + " · ".join(_link(p, out) for p in paths) for table, paths in written]
+    if reproduction.notes:
+        lines += [""] + [f"- {note}" for note in reproduction.notes]
+    return lines
+
+
+def _index(report: Report, out: Path, tables: list, figures: dict, extra: list, reproduction: list) -> str:
     study, settings = report.study, report.settings
     n_seeds = {s: len(v) for s, v in study.seeds.items()}
     lines = [
@@ -53,6 +66,7 @@ def _index(report: Report, out: Path, tables: list, figures: dict, extra: list) 
     lines += ["", "## Tables", ""]
     for table, paths in tables:
         lines.append(f"- {table.title}: " + " · ".join(_link(p, out) for p in paths))
+    lines += reproduction
     lines += ["", "## Figures", ""]
     for title, paths in figures.items():
         png = next(p for p in paths if p.suffix == ".png")
@@ -83,6 +97,8 @@ def write_report(report: Report, out_dir: str | os.PathLike, decimals: int = 3) 
     tables = [t for t in (table2(report, decimals), table3(report, decimals), table4(report, decimals),
                           table4_per_class(report, decimals), table_paired(report, decimals)) if t is not None]
     written = [(t, write_table(t, out)) for t in tables]
+    reproduction = compare_with_paper(report, decimals)
+    compared = [(t, write_table(t, out)) for t in reproduction.tables]
     figures = {}
     for system in report.ranking():
         caption, paths = figure_layer_weights(report, system, out)
@@ -96,7 +112,8 @@ def write_report(report: Report, out_dir: str | os.PathLike, decimals: int = 3) 
         write_csv_atomic(out / name, frame, float_format="%.6f")
         extra.append(out / name)
     index = out / "index.md"
-    write_text_atomic(index, _index(report, out, written, figures, extra))
+    write_text_atomic(index, _index(report, out, written, figures, extra,
+                                    _reproduction_section(reproduction, compared, out)))
     return index
 
 
