@@ -30,6 +30,7 @@ from s3prl_stimulus.partition import FOLDS, speakers_of, split_clips
 from s3prl_stimulus.resources import packaged_file
 from s3prl_stimulus.study.reports import ScoreSettings, build_report, compare_with_paper
 from s3prl_stimulus.study.reports.tables import to_markdown
+from s3prl_stimulus.study.reports.reproduction import paper_upstream_of
 
 CLIPS_PER_FOLD = 40
 BOOTSTRAPS = 50
@@ -231,8 +232,8 @@ def test_table3_matches_systems_by_upstream_and_says_what_it_left_out(noisy):
     assert line.endswith("; † built from incomplete runs; 1 system(s) not compared (upstream not the paper's)")
     notes = " ".join(table.notes)
     assert ("Not compared (upstream not one of the paper's): wavlm_local (upstream wavlm_local: a local entry, e.g. "
-            "wavlm_large from a file; the model it read is not known by name, so run the hub name (wavlm_large) to "
-            "compare).") in notes
+            "wavlm_large from a file; the model it read is not known by name, so label it after the model to compare "
+            "(recipe: wavlm_large:FILE)).") in notes
     assert "no all (train = test) column" in notes
     markdown = to_markdown(table)
     fbank = next(line for line in markdown.splitlines() if line.startswith("| fbank ") and "| voice |" in line)
@@ -328,3 +329,36 @@ def test_report_command_compares_with_the_packaged_numbers(perfect, capsys):
     markdown = (out / "reproduction_table4.md").read_text()
     row = next(line for line in markdown.splitlines() if "| voice → voice |" in line)
     assert "| 1.0000 [1.0000, 1.0000] | 0.7117 [0.7043, 0.7185] | +0.2883 | **no** |" in row
+
+
+@pytest.mark.parametrize("upstream, label, layers, expected", [
+    ("wavlm_large", "anything", None, "wavlm_large"),  # a hub name is its own row, whatever its label
+    ("wavlm_local", "wavlm_large", None, "wavlm_large"),  # the recipe's wavlm_large:FILE
+    ("wavlm_local", "WavLM Large (authors)", 25, "wavlm_large"),  # the title, then a separator
+    ("wavlm_local", "wavlm_large", 13, None),  # 13 hidden states: a Base model, whatever its label says
+    ("wavlm_local", "wavlm_large_ft", None, None),  # another name, not the paper's followed by a separator
+    ("wavlm_local", "mine", None, None),
+    ("hubert_local", "wavlm_large", None, None),  # the label names a model this entry cannot load
+    ("wav2vec2_local", "wav2vec 2.0 Robust (mine)", 25, "wav2vec2_large_lv60_cv_swbd_fsh"),
+    ("wav2vec2_local", "wav2vec 2.0 Large", 25, "wav2vec2_large_ll60k"),
+    ("wav2vec2_local", "XLS-R 1B", 49, "xls_r_1b"),
+    ("my_upstream", "wavlm_large", None, None),  # not a local entry of a paper upstream
+])
+def test_local_entries_are_matched_by_a_label_naming_the_model(upstream, label, layers, expected):
+    assert paper_upstream_of(upstream, label, layers) == expected
+
+
+def test_a_local_entry_labelled_after_the_model_is_compared_and_said_so(tmp_path, votes):
+    for train in ("voice", "face", "av"):
+        for fold in FOLDS:
+            write_run(tmp_path, votes, "wavlm_local", train, fold, label="wavlm_large")
+    report = build_report(tmp_path, settings=ScoreSettings(num_bootstraps=BOOTSTRAPS))
+    result = compare_with_paper(report)
+    table3 = next(t for t in result.tables if t.stem == "reproduction_table3")
+    assert set(table3.numbers["system"]) == {"wavlm_large"}
+    assert set(table3.numbers["paper_macro_f1"]) == {0.7117, 0.6366, 0.7076}
+    note = ("Matched by label (a local entry names no model; its weights are not verified as the paper's): "
+            "wavlm_large (wavlm_local -k FILE).")
+    assert note in table3.notes
+    table4 = next(t for t in result.tables if t.stem == "reproduction_table4")
+    assert len(table4.numbers) == 12 and note in table4.notes

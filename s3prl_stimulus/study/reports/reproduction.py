@@ -8,9 +8,11 @@ lacks (the all-inclusive column of Table III, the all-inclusive test set of Tabl
 the comparison, and the table's notes say so. A cell built from runs on part of the corpus keeps its †.
 
 Systems are matched to the paper's rows by the runs' ``upstream`` (S3PRL hub name,
-:data:`s3prl_stimulus.integration.upstreams.PAPER_UPSTREAMS`), never by label: a system whose upstream
-is not one of the paper's (e.g. a local entry such as ``wavlm_local -k FILE``, whose file could be any
-model) is not compared, and the notes name it. Several systems with one upstream (your WavLM Large runs
+:data:`s3prl_stimulus.integration.upstreams.PAPER_UPSTREAMS`). A local entry (``wavlm_local -k FILE``, whose
+file could be any model of its family) is matched only when its label names the model (the recipe's
+``wavlm_large:FILE`` is labelled ``wavlm_large``; "WavLM Large (authors)" names it too) and its layer
+weights count that model's hidden states (:func:`paper_upstream_of`); the notes say it was matched by
+label. Any other system is not compared, and the notes name it. Several systems with one upstream (your WavLM Large runs
 and the authors' released models) are each compared. Table IV is the paper's WavLM Large: only systems
 whose upstream is ``wavlm_large`` are compared with it. Table II compares the report's agreement matrix
 (the CCC of the runs' votes source) without an interval (the paper gives none); so do the per-class F1
@@ -20,6 +22,7 @@ of Table IV (the report scores per-class F1 without a CI).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,9 +47,50 @@ class Reproduction:
     notes: list = field(default_factory=list)
 
 
+_LABEL_END = re.compile(r"$|[ (\-.+:]")
+
+
+def _label_names(label: str, entry) -> int:
+    """How long a prefix of ``label`` names the paper upstream (hub name or title, then a separator or the end); 0: none."""
+    text = label.casefold()
+    names = (entry.name.casefold(), entry.title.casefold())
+    return max((len(n) for n in names if text.startswith(n) and _LABEL_END.match(text, len(n))), default=0)
+
+
+def paper_upstream_of(upstream: str, label: str, n_layers: Optional[int] = None) -> Optional[str]:
+    """The paper upstream (hub name) a system's runs are compared with, or None.
+
+    A hub name is its own row. A local entry (``wavlm_local -k FILE``: how the recipe runs ``wavlm_large:FILE``, and
+    how the authors' models are evaluated on local weights) names no model, so it is matched only when its label
+    names a paper upstream that entry loads (``wavlm_large``, ``WavLM Large (authors)``; the longest name wins) and
+    its learned layer weights, when present, count that upstream's hidden states.
+    """
+    if any(entry.name == upstream for entry in PAPER_UPSTREAMS):
+        return upstream
+    named = [(_label_names(label, e), e) for e in PAPER_UPSTREAMS if e.local == upstream]
+    length, entry = max(named, key=lambda item: item[0], default=(0, None))
+    if not length or (n_layers is not None and n_layers != entry.hidden_states):
+        return None
+    return entry.name
+
+
 def _systems_by_upstream(report: Report) -> dict:
-    """System -> the S3PRL hub name its runs recorded (one per system: the study refuses a label over two)."""
-    return {run.system: run.upstream for run in report.study.runs}
+    """System -> the paper upstream (hub name) it is compared with, else the upstream its runs recorded."""
+    found = {}
+    for run in report.study.runs:
+        layers = len(run.layer_weights) if run.layer_weights else None
+        found[run.system] = paper_upstream_of(run.upstream, run.upstream_label, layers) or run.upstream
+    return found
+
+
+def _label_matches(report: Report, upstreams: dict, systems=None) -> list:
+    """A note on the (given) systems compared through a local entry: matched by their label, the file not verified."""
+    local = sorted({f"{run.system} ({run.upstream} -k {run.upstream_ckpt or 'FILE'})" for run in report.study.runs
+                    if run.upstream != upstreams[run.system] and (systems is None or run.system in systems)})
+    if not local:
+        return []
+    return [f"Matched by label (a local entry names no model; its weights are not verified as the paper's): "
+            f"{', '.join(local)}."]
 
 
 def _diff_text(value: float, digits: int) -> str:
@@ -171,7 +215,7 @@ def _local_hint(upstream: str) -> str:
     for entry in PAPER_UPSTREAMS:
         if entry.local == upstream:
             return (f": a local entry, e.g. {entry.name} from a file; the model it read is not known by name, so "
-                    f"run the hub name ({entry.name}) to compare")
+                    f"label it after the model to compare (recipe: {entry.name}:FILE)")
     return ""
 
 
@@ -179,7 +223,8 @@ def compare_table3(report: Report, paper: PaperNumbers, digits: int) -> tuple:
     upstreams = _systems_by_upstream(report)
     compared = [s for s in report.ranking() if upstreams[s] in paper.matched]
     skipped = [s for s in report.ranking() if upstreams[s] not in paper.matched]
-    notes = ["Systems are matched to the paper's rows by their runs' upstream (S3PRL hub name), not by label."]
+    notes = ["Systems are matched to the paper's rows by their runs' upstream (S3PRL hub name); a local entry by its "
+             "label.", *_label_matches(report, upstreams)]
     if skipped:
         notes.append("Not compared (upstream not one of the paper's): "
                      + ", ".join(f"{s} (upstream {upstreams[s]}{_local_hint(upstreams[s])})" for s in skipped) + ".")
@@ -220,7 +265,7 @@ def compare_table4(report: Report, paper: PaperNumbers, digits: int) -> tuple:
     upstreams = _systems_by_upstream(report)
     upstream = paper.cross_upstream
     systems = [s for s in report.ranking() if upstreams[s] == upstream]
-    notes = []
+    notes = _label_matches(report, upstreams, systems)
     chosen_upstream = upstreams.get(report.chosen)
     if chosen_upstream != upstream:
         notes.append(f"The report's Table IV is of {report.chosen} (upstream {chosen_upstream}): the paper has no Table "
