@@ -320,7 +320,7 @@ def test_s3prl_evaluate_gives_the_hand_computed_probabilities_and_says_unverifie
 
 
 def test_the_recipe_skips_evaluated_imports_and_imports_with_authors(study, tmp_path):
-    assert "stage evaluate: 6 run(s) already finished" in study["evaluate"].stdout
+    assert "stage evaluate: 0 run(s) already finished (skipped), 6 job(s) done, 0 failed" in study["evaluate"].stdout
     root = study["root"]
     again = run_module(root, "s3prl_stimulus.study.recipe", "evaluate", "--path", "authors", "--root", root / "exp",
                        "--corpus", root / "AudioWAV", "--clips", "present")
