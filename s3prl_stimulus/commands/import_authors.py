@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoints go to DIR/<name>/<train_stimulus>/fold<k>/seed<s>/dev-best.ckpt "
                              "(seed: their Args.seed), with import.json beside each")
     parser.add_argument("--upstream", metavar="NAME",
-                        help="S3PRL upstream the evaluation runs (default: theirs, e.g. wavlm_large); with local "
-                             "weights its local entry, e.g. wavlm_local with --upstream-ckpt")
+                        help="S3PRL upstream the evaluation runs (default: theirs, e.g. wavlm_large, which S3PRL "
+                             "downloads; with --upstream-ckpt the entry that reads that file, e.g. wavlm_local)")
     parser.add_argument("--upstream-ckpt", metavar="FILE", help="local weights file for --upstream (S3PRL's -k)")
     parser.add_argument("--name", help="directory under --out (default: their upstream, e.g. wavlm_large)")
     parser.add_argument("--label", help="name of these models in results and the report "

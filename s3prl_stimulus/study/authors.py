@@ -109,8 +109,8 @@ def load_file(path: Path) -> dict:
     from s3prl_stimulus.integration.checkpoints import refusal_message, safe_globals
 
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(safe_globals()):  # weights_only by default: the refusal's fix can lift it
+            return torch.load(path, map_location="cpu")
     except pickle.UnpicklingError as error:
         raise StimulusError(refusal_message(path, str(error))) from None
     except Exception as error:  # truncated file, not a torch file
@@ -356,8 +356,8 @@ def import_checkpoints(source, out, options: ImportOptions = ImportOptions()) ->
             raise StimulusError(f"{target} exists and was not imported from {checkpoint.path} with these options: "
                                 "pass --overwrite to replace it, or another --out")
     for checkpoint, target, state in planned:
-        if target.exists() and not options.overwrite and _same_import(target, state):
-            continue
+        if not options.overwrite and target.with_name(RECORD_NAME).is_file() and _same_import(target, state):
+            continue  # a killed import wrote the checkpoint before its record: that one is written again
         _write(target, state, checkpoint, options)
     return targets
 
