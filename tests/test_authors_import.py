@@ -170,7 +170,7 @@ def study(tmp_path_factory):
     assert code == 0, err
     # 2. evaluate every imported checkpoint through S3PRL (the README's second command)
     evaluate = run_module(root, "s3prl_stimulus.study.recipe", "evaluate", "--path", "authors", "--root", root / "exp",
-                          "--corpus", root / "AudioWAV", "--clips", "present", "--device", "cpu",
+                          "--corpus", root / "AudioWAV", "--clips", "present",
                           "--override", "config.downstream_expert.datarc.num_workers=0,,"
                                         "config.downstream_expert.datarc.eval_batch_size=1")
     assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
