@@ -408,3 +408,20 @@ def test_report_shows_the_authors_models_as_their_own_system_with_fig2(study, tm
                    for n in ns]
         assert np.allclose(means[stimulus][0], torch.stack(weights).mean(0).numpy(), atol=1e-12)
         assert means[stimulus][2] == len(ns)
+
+
+def test_an_import_with_the_corpus_evaluates_with_a_bare_evaluate_e(study, tmp_path):
+    """`-m evaluate -e CKPT` alone: S3PRL takes upstream, config (corpus, label) and expdir from the checkpoint."""
+    root = study["root"]
+    source = root / "result" / "downstream" / "wavlm_large_CREMA-D_fold16_multimodal" / "dev-best.ckpt"
+    assert cli("import-authors", source, "--out", tmp_path, "--upstream-ckpt", study["wavlm"], "--corpus",
+               root / "AudioWAV", "--clips", "present")[0] == 0
+    run = run_path(tmp_path, 16)
+    evaluate = run_module(root, "s3prl_stimulus.run_downstream", "-m", "evaluate", "-e", run / "dev-best.ckpt")
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    result = json.loads((run / "results-test-dev-best.json").read_text())
+    assert result["upstream_label"] == LABEL and result["upstream_identity"]["verified"] is False
+    got = predictions(run / "predictions-test-dev-best.csv")  # eval batches of 32 here, of 1 in the recipe run
+    expected = predictions(run_path(root / "exp" / "authors", 16) / "predictions-test-dev-best.csv")
+    assert list(got.index) == list(expected.index)
+    assert np.abs(got.to_numpy() - expected.to_numpy()).max() <= 1e-4
