@@ -4,6 +4,7 @@
 #   stage 0  download CREMA-D's AudioWAV clips and verify them
 #   stage 1  label files per stimulus and fold; agreement between the label sets (Table II)
 #   stage 2  train every (upstream, train stimulus, fold, seed): S3PRL path or feature-cache path
+#            (--path authors: import the paper authors' released models from --authors instead)
 #   stage 3  cross-test every dev-best checkpoint on every label set
 #   stage 4  report: tables and figures
 #
@@ -20,7 +21,8 @@ recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # ---- options (each can be given as --name VALUE or --name=VALUE) ------------------------------
 stage=0                # first stage to run
 stop_stage=4           # last stage to run
-path=s3prl             # s3prl: S3PRL's run_downstream per run | cache: extract + sweep per upstream
+path=s3prl             # s3prl: S3PRL's run_downstream per run | cache: extract + sweep per upstream | authors: the authors' models
+authors=""             # --path authors: the folder their zip unpacks to (<upstream>_<corpus>_fold<N>_multimodal folders)
 expdir=exp/stimulus    # expdir root: runs go to <expdir>/<path>/<upstream>/<stimulus>/fold<k>/seed<s>/
 corpus=data/CREMA-D/AudioWAV   # CREMA-D AudioWAV directory (stage 0 downloads into it)
 upstreams="${recipe_dir}/upstreams.txt"   # list file, or comma-separated NAME[:CKPT] entries
@@ -67,7 +69,7 @@ while [ $# -gt 0 ]; do
     grep -qx -- "${name}" <<< "${known_options}" || die "unknown option --${name} (see --help)"
     printf -v "${name}" '%s' "${value}"
 done
-case "${path}" in s3prl|cache) ;; *) die "--path ${path}: choose s3prl or cache" ;; esac
+case "${path}" in s3prl|cache|authors) ;; *) die "--path ${path}: choose s3prl, cache or authors" ;; esac
 case "${dry_run}" in true|false) ;; *) die "--dry_run ${dry_run}: true or false" ;; esac
 for flag in submit preflight; do
     case "${!flag}" in true|false) ;; *) die "--${flag} ${!flag}: true or false" ;; esac
@@ -95,6 +97,7 @@ recipe_options=(--path "${path}" --root "${expdir}" --corpus "${corpus}" --upstr
                 --stimuli "${stimuli}" --folds "${folds}" --seeds "${seeds}" --votes "${votes}" --clips "${clips}"
                 --override "${override}" --python "$(command -v "${python}" || echo "${python}")")
 [ -n "${features}" ] && recipe_options+=(--features "${features}")
+[ -n "${authors}" ] && recipe_options+=(--authors "${authors}")
 [ -n "${device}" ] && recipe_options+=(--device "${device}")
 launch_options=(--launcher "${launcher}" --ngpu "${ngpu}" --submit "${submit}" --preflight "${preflight}"
                 --slurm_args "${slurm_args}")

@@ -27,6 +27,7 @@ COMMANDS = {
     "sweep": "feature cache: train and cross-test the stimulus x fold x seed grid from a cache",
     "download": "download CREMA-D's AudioWAV clips, verified against the packaged manifest",
     "verify": "check a CREMA-D AudioWAV directory (presence, size, checksum, WAV format)",
+    "import-authors": "rewrite the paper authors' released checkpoints as this package's, for both evaluation paths",
     "report": "tables and figures from a results directory (Tables II-IV, Fig. 2)",
     "doctor": "check this machine's stack, the paper's upstreams and a 30 s smoke run, one line per check",
 }

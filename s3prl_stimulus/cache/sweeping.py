@@ -265,7 +265,23 @@ def evaluate_checkpoint(cache_paths: Sequence, checkpoint, split: str = "test", 
     frame, result = score_evaluation(context, prepared.grid, 0, logits, split, step, str(checkpoint))
     if out:
         write_scored(Path(out), split, tag, frame, result)
+        _write_evaluated_layer_weights(Path(out), saved, result, tag)
     return frame, result
+
+
+def _write_evaluated_layer_weights(out: Path, saved: dict, result: dict, tag: str) -> None:
+    """As the S3PRL path's ``-m evaluate``: the checkpoint's layer weights, ``layer_weights.json`` for dev-best
+    (the report's Fig. 2 reads it beside the results)."""
+    from s3prl_stimulus.downstream.emotion_stimulus.model import layer_weights
+    from s3prl_stimulus.io import write_json_atomic
+    from s3prl_stimulus.results import FINAL_TAG
+
+    weights = layer_weights(saved)
+    if weights is None:
+        return
+    keys = ("upstream", "fold", "train_stimulus", "checkpoint", "step")
+    name = "layer_weights.json" if tag == FINAL_TAG else f"layer_weights-{tag}.json"
+    write_json_atomic(out / name, {k: result[k] for k in keys} | {"weights": weights})
 
 
 def _config_stimuli(datarc: dict) -> list:

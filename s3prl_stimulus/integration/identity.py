@@ -12,7 +12,10 @@ upstream with another fingerprint.
 ``verified`` is true when the fingerprint of the upstream that computed the features is known and
 every checkpoint the head came through recorded the same one. A checkpoint that records none
 (older versions, other code) is accepted only with an explicit option, and everything computed
-from it says ``"upstream unverified"``.
+from it says ``"upstream unverified"``. An imported checkpoint (``import-authors``: the paper's authors'
+released models) records the upstream the user named at import, unfingerprinted, and the file it came from
+(:data:`IMPORT_KEY`); naming the upstream at import is the explicit acceptance, so it is taken without the
+option, on that upstream only, and everything computed from it is unverified.
 
 The S3PRL path learns the upstream from S3PRL's ``Runner``, which builds the upstream before the
 expert but never hands it over: :func:`runner_upstream` finds the Runner on the call stack.
@@ -32,6 +35,8 @@ EXTRA_STATE_KEY = "_extra_state"
 """The state-dict key torch gives ``nn.Module.get_extra_state`` (``Downstream["_extra_state"]``)."""
 IDENTITY_KEY = "upstream_identity"
 UNVERIFIED = "upstream unverified"
+IMPORT_KEY = "imported_from"
+"""Beside the identity in an imported checkpoint's extra state: the source file, its SHA-256 and format."""
 
 
 def weights_sha256(module) -> str:
@@ -104,6 +109,8 @@ def verify_checkpoint(current: UpstreamIdentity, checkpoint: dict, path, allow_u
     upstream cannot be compared is refused unless ``allow_unverified`` (set by ``option``).
     """
     saved = saved_identity(checkpoint, path)
+    if saved is not None and saved.weights_sha256 is None and _imported(checkpoint):
+        return _accept_imported(current, saved, path, fix)
     if saved is None or saved.weights_sha256 is None or current.weights_sha256 is None:
         return _accept_unverifiable(current, saved, path, allow_unverified, option)
     if (saved.upstream, saved.weights_sha256) != (current.upstream, current.weights_sha256):
@@ -113,6 +120,25 @@ def verify_checkpoint(current: UpstreamIdentity, checkpoint: dict, path, allow_u
         return current
     return current.unverified(f"checkpoint {path} descends from an unverified one "
                               f"({(saved.reason or '').removeprefix(UNVERIFIED + ': ')})")
+
+
+def _imported(checkpoint: dict) -> bool:
+    state = (checkpoint.get("Downstream") or {}).get(EXTRA_STATE_KEY)
+    return hasattr(state, "get") and isinstance(state.get(IMPORT_KEY), dict)
+
+
+def _accept_imported(current: UpstreamIdentity, saved: UpstreamIdentity, path, fix: str) -> UpstreamIdentity:
+    """An imported head on the upstream named at import: scored, unverified; on another upstream: refused."""
+    if (saved.upstream, _resolved(saved.upstream_ckpt)) != (current.upstream, _resolved(current.upstream_ckpt)):
+        raise StimulusError(f"checkpoint {path} was imported for upstream {saved.command()}, but the upstream here is "
+                            f"{current.command()}: {fix}, or import it again naming this upstream")
+    return current.unverified((saved.reason or "").removeprefix(f"{UNVERIFIED}: ") or f"checkpoint {path} was imported")
+
+
+def _resolved(path: Optional[str]) -> Optional[str]:
+    from pathlib import Path
+
+    return path if path is None or "://" in path else str(Path(path).resolve())
 
 
 def _accept_unverifiable(current: UpstreamIdentity, saved: Optional[UpstreamIdentity], path, allow_unverified: bool,

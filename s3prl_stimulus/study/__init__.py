@@ -1,1 +1,2 @@
-"""The paper's study end to end: the corpus (download, verify), the resumable recipe, the reports."""
+"""The paper's study end to end: the corpus (download, verify), the authors' released models (import), the
+resumable recipe, the reports."""

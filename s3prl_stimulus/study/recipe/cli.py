@@ -31,7 +31,12 @@ def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*spelled, **kwargs)
 
     option("--path", default="s3prl", choices=PATHS,
-           help="s3prl: one run_downstream per run; cache: extract + sweep per upstream")
+           help="s3prl: one run_downstream per run; cache: extract + sweep per upstream; authors: the paper "
+                "authors' released models, imported (train, with --authors) and evaluated through S3PRL")
+    option("--authors", default=None, metavar="SRC",
+           help="--path authors: their results tree (folders <upstream>_<corpus>_fold<N>_multimodal) to import "
+                "into ROOT/authors; the one entry of --upstreams, if only one is given, is the upstream they are "
+                "evaluated on (e.g. wavlm_large:/models/WavLM-Large.pt)")
     option("--root", default="exp/stimulus", help="expdir root: runs go to ROOT/PATH/UPSTREAM/STIMULUS/foldK/seedS")
     option("--corpus", default="data/CREMA-D/AudioWAV", help="CREMA-D AudioWAV directory")
     option("--upstreams", default=",".join(PAPER_UPSTREAMS),

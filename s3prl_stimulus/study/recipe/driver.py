@@ -35,7 +35,8 @@ def run_stage(settings: Settings, stage: str, launcher: str = "local", gpus: Seq
               slurm: SlurmOptions = SlurmOptions(), dry_run: bool = False, check_upstreams: bool = True,
               report: Callable[[str], None] = print, hub=None, connect: Callable[[str], bool] = reachable) -> int:
     """Stage ``train`` or ``evaluate`` over the grid; returns the exit status (1 when anything failed)."""
-    needs_upstreams = stage == "train" or settings.path == "s3prl"
+    # the authors' path trains nothing; its evaluation takes the upstream from each imported checkpoint
+    needs_upstreams = settings.path != "authors" and (stage == "train" or settings.path == "s3prl")
     blocked = preflight_blocks(settings, report, hub, connect) if (check_upstreams and needs_upstreams) else {}
     work = jobs_for(settings, stage, blocked)
     if dry_run:

@@ -175,3 +175,50 @@ def product_groups(runs: Sequence[Run]) -> list[tuple[tuple, tuple, tuple]]:
     for (stimuli, seed), folds in folds_of.items():
         seeds_of.setdefault((stimuli, tuple(sorted(folds))), []).append(seed)
     return [(stimuli, folds, tuple(sorted(seeds))) for (stimuli, folds), seeds in sorted(seeds_of.items())]
+
+
+# --- the authors' released models (--path authors) ------------------------------------------------
+
+AUTHORS_RECORD = "import.json"  # beside each imported dev-best.ckpt (study.authors)
+
+
+def authors_upstream(settings: Settings) -> Optional[Upstream]:
+    """The upstream the imported models are evaluated on: the one entry of ``--upstreams``, else their own."""
+    return settings.upstreams[0] if len(settings.upstreams) == 1 else None
+
+
+def authors_import_command(settings: Settings) -> list[str]:
+    """``s3prl-stimulus import-authors`` of ``--authors`` into ``<root>/authors`` (a rerun is a no-op)."""
+    command = [settings.python, "-m", "s3prl_stimulus", "import-authors", str(settings.authors),
+               "--out", str(settings.root / settings.path), "--corpus", str(settings.corpus),
+               "--votes", settings.votes, "--clips", settings.clips]
+    upstream = authors_upstream(settings)
+    if upstream is not None:
+        command += ["--upstream", upstream.name] + (["--upstream-ckpt", upstream.ckpt] if upstream.ckpt else [])
+    return command
+
+
+def imported_checkpoints(settings: Settings) -> list[tuple[Run, Path]]:
+    """Every imported ``dev-best.ckpt`` under ``<root>/authors`` of the grid's stimuli and folds, as a run
+    (the upstream the import named, under its directory)."""
+    found = []
+    for record_file in sorted((settings.root / settings.path).glob(f"*/*/fold*/seed*/{AUTHORS_RECORD}")):
+        try:
+            record = json.loads(record_file.read_text(encoding="utf-8"))
+            upstream = Upstream(record["upstream_identity"]["upstream"], None, record_file.parents[3].name)
+            run = Run(upstream, record["train_stimulus"], int(record["fold"]), int(record["seed"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not an import record: a checkpoint without one is not evaluated here
+        if run.train_stimulus in settings.stimuli and run.fold in settings.folds:
+            found.append((run, record_file.with_name(DEV_BEST)))
+    return found
+
+
+def authors_evaluate_command(settings: Settings, checkpoint: Path) -> list[str]:
+    """S3PRL's ``-m evaluate -e`` of an imported checkpoint: its upstream and label come from the checkpoint."""
+    expdir = checkpoint.parent
+    overrides = _override_string(settings, {
+        f"{DATARC}.audio_dir": _literal(settings.corpus), f"{DATARC}.votes": _literal(settings.votes),
+        f"{DATARC}.clips": _literal(settings.clips), "args.expdir": _literal(expdir)})
+    return ([settings.python, "-m", "s3prl_stimulus.run_downstream", "-m", "evaluate", "-e", str(checkpoint)]
+            + _device(settings) + ["-o", overrides])

@@ -17,7 +17,8 @@ from s3prl_stimulus.integration.hub_entries import WAVEFORM_FEATURES, local_entr
 from s3prl_stimulus.partition import check_fold
 from s3prl_stimulus.seeds import check_seed
 
-PATHS = ("s3prl", "cache")
+PATHS = ("s3prl", "cache", "authors")
+"""Training paths; ``authors`` imports the paper authors' released models instead of training (study.authors)."""
 PAPER_UPSTREAMS = (
     "wavlm_large", "xls_r_1b", "hubert_large_ll60k", "wav2vec2_large_ll60k", "data2vec_large_ll60k", "decoar2",
     "wav2vec2_large_lv60_cv_swbd_fsh", "wav2vec", "apc", "vq_apc", "tera", "mockingjay", "npc", "modified_cpc", "fbank",
@@ -123,6 +124,7 @@ class Settings:
     features: Optional[Path] = None
     python: str = sys.executable
     device: Optional[str] = None
+    authors: Optional[Path] = None  # --path authors: the authors' results tree (or one checkpoint) to import
 
     def __post_init__(self):
         if self.features is None:
@@ -131,6 +133,7 @@ class Settings:
     def to_json(self) -> dict:
         obj = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         obj.update(root=str(self.root), corpus=str(self.corpus), features=str(self.features),
+                   authors=None if self.authors is None else str(self.authors),
                    upstreams=[dataclasses.asdict(u) for u in self.upstreams],
                    stimuli=list(self.stimuli), folds=list(self.folds), seeds=list(self.seeds))
         return obj
@@ -140,7 +143,8 @@ class Settings:
         obj = dict(obj)
         obj.update(root=Path(obj["root"]), corpus=Path(obj["corpus"]), features=Path(obj["features"]),
                    upstreams=tuple(Upstream(**u) for u in obj["upstreams"]),
-                   stimuli=tuple(obj["stimuli"]), folds=tuple(obj["folds"]), seeds=tuple(obj["seeds"]))
+                   stimuli=tuple(obj["stimuli"]), folds=tuple(obj["folds"]), seeds=tuple(obj["seeds"]),
+                   authors=Path(obj["authors"]) if obj.get("authors") else None)
         return cls(**obj)
 
 
@@ -200,7 +204,7 @@ def _checked_path(value, option: str) -> Path:
 
 def make_settings(args: argparse.Namespace) -> Settings:
     if args.path not in PATHS:
-        raise StimulusError(f"--path {args.path!r}: choose s3prl or cache")
+        raise StimulusError(f"--path {args.path!r}: choose s3prl, cache or authors")
     folds = tuple(dict.fromkeys(check_fold(k) for k in split_list(args.folds)))
     if not folds:
         raise StimulusError("no folds given: pass e.g. --folds 1,2,3,4,5")
@@ -218,4 +222,5 @@ def make_settings(args: argparse.Namespace) -> Settings:
         seeds=check_seeds(args.seeds), votes=votes, clips=clips, override=check_override(args.override),
         features=_checked_path(args.features, "--features") if args.features else None,
         python=args.python, device=args.device,
+        authors=_checked_path(args.authors, "--authors") if getattr(args, "authors", None) else None,
     )

@@ -11,7 +11,7 @@ from s3prl_stimulus.io import write_json_atomic
 from s3prl_stimulus.results import FINAL_RESULTS as RESULTS_FILE
 from s3prl_stimulus.study.recipe.local import Job, _timestamp
 from s3prl_stimulus.study.recipe.plan import (
-    DEV_BEST, FINISHED, INTERRUPTED, TRAINED, TRAINED_MARKER, Run, extract_command, is_finished,
+    DEV_BEST, authors_evaluate_command, authors_import_command, imported_checkpoints, FINISHED, INTERRUPTED, TRAINED, TRAINED_MARKER, Run, extract_command, is_finished,
     plan_runs, product_groups, run_dir, run_state, s3prl_evaluate_command, s3prl_train_command, sweep_command,
     upstream_dir,
 )
@@ -70,6 +70,8 @@ class Work:
 
 def train_work(settings: Settings, blocked: Optional[dict] = None) -> Work:
     blocked = blocked or {}
+    if settings.path == "authors":
+        return authors_import_work(settings)
     jobs, finished = [], []
     if settings.path == "s3prl":
         for run in plan_runs(settings):
@@ -96,6 +98,8 @@ def evaluate_work(settings: Settings, blocked: Optional[dict] = None) -> Work:
     """Stage 3. S3PRL path: evaluate every trained run's dev-best.ckpt on every label set. Cache path: the
     sweep already cross-tested every run, so only check."""
     blocked = blocked or {}
+    if settings.path == "authors":
+        return authors_evaluate_work(settings)
     jobs, finished, missing = [], [], []
     for run in plan_runs(settings):
         state = run_state(settings, run)
@@ -108,6 +112,41 @@ def evaluate_work(settings: Settings, blocked: Optional[dict] = None) -> Work:
         else:
             where = run_dir(settings, run) if settings.path == "s3prl" else upstream_dir(settings, run.upstream)
             missing.append((run.name, f"not trained ({state}): run stage 2; log {where / 'recipe-train.log'}"))
+    return Work(jobs, finished, missing)
+
+
+def authors_import_work(settings: Settings) -> Work:
+    """Stage 2 of ``--path authors``: their models are imported, not trained (``--authors SRC``)."""
+    imported = [run.name for run, _ in imported_checkpoints(settings)]
+    if settings.authors is None:
+        missing = [] if imported else [("authors", f"nothing imported under {settings.root / settings.path}: "
+                                                   "pass --authors with the folder their zip unpacks to")]
+        return Work([], imported, missing)
+    log = settings.root / settings.path / "recipe-import.log"
+
+    def finish() -> Optional[str]:
+        return None if imported_checkpoints(settings) else f"the import left no checkpoint under {log.parent}"
+
+    command = authors_import_command(settings)
+    return Work([Job("authors/import", f"import {settings.authors}", log, [command], finish=finish)], [], [])
+
+
+def authors_evaluate_work(settings: Settings) -> Work:
+    """Stage 3 of ``--path authors``: S3PRL's ``-m evaluate -e`` of every imported checkpoint not yet scored."""
+    jobs, finished = [], []
+    for run, checkpoint in imported_checkpoints(settings):
+        if is_finished(checkpoint.parent, "s3prl", run):
+            finished.append(run.name)
+            continue
+
+        def finish(run=run, expdir=checkpoint.parent) -> Optional[str]:
+            ok = is_finished(expdir, "s3prl", run)
+            return None if ok else f"evaluation exited 0 but {expdir / RESULTS_FILE} is missing or not this run's results"
+
+        jobs.append(Job(f"authors/{run.name}", f"authors/{run.name} evaluate", checkpoint.parent / "recipe-evaluate.log",
+                        [authors_evaluate_command(settings, checkpoint)], finish=finish))
+    missing = [] if jobs or finished else [("authors", f"no imported checkpoint under {settings.root / settings.path}: "
+                                                       "run stage 2 (train) with --authors SRC, or import-authors")]
     return Work(jobs, finished, missing)
 
 
