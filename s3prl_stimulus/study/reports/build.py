@@ -73,7 +73,7 @@ def _choose(study: Study, upstream: Optional[str], ranking: list) -> str:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise StimulusError(f"upstream {upstream!r} has runs from several paths ({', '.join(matches)}): "
+        raise StimulusError(f"upstream {upstream!r} names several systems ({', '.join(matches)}): "
                             "pass one of these names to --upstream, or select a path with --path")
     raise StimulusError(f"no runs for upstream {upstream!r}; found: {', '.join(study.systems)}")
 
