@@ -16,6 +16,11 @@ from s3prl_stimulus.cache.grid import EpochShuffler
 from s3prl_stimulus.loss import soft_cross_entropy
 
 
+def clip_major(grid):
+    """The feature table as it was stored then, ``[N, L, D]`` (the grid now keeps it layer-major)."""
+    return grid.features.transpose(0, 1)
+
+
 class PerRunPlan:
     """Every run's batch positions ``[R, B]``: each run reads its (fold, seed) shuffler's batch."""
 
@@ -65,7 +70,7 @@ def batched_loss(head, grid, positions, counts, accumulate: int):
     n_runs, batch = positions.shape
     mask = torch.arange(batch).unsqueeze(0) < counts.unsqueeze(1)
     flat = grid.offsets.unsqueeze(1) + positions
-    out = logits(head, grid.features[grid.train_rows[flat]])
+    out = logits(head, clip_major(grid)[grid.train_rows[flat]])
     targets = grid.train_targets[flat] * mask.unsqueeze(-1)
     scale = (n_runs * batch) / (counts.to(torch.float32) * accumulate)
     weights = (grid.class_weights * scale.unsqueeze(1)).unsqueeze(1).expand(-1, batch, -1)
@@ -111,7 +116,7 @@ def evaluate(head, grid, split: str) -> dict:
             runs = [r for r, run in enumerate(grid.runs) if run.fold == fold]
             if not runs:
                 continue
-            means = grid.features[torch.from_numpy(data.rows[split])]
+            means = clip_major(grid)[torch.from_numpy(data.rows[split])]
             values = run_logits(head, torch.tensor(runs), means)
             for i, r in enumerate(runs):
                 out[r] = values[i].double()

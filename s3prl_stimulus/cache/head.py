@@ -47,22 +47,28 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             return torch.softmax(weights, dim=-1)
 
         def pooled(self, runs, means):
-            """The weighted sum of ``runs`` over shared clips ``means [N, L, D]`` → ``[N, len(runs), D]``.
+            """The weighted sum of ``runs`` over shared clips ``means [L, N, D]`` (layer-major) → ``[len(runs), N, D]``.
 
-            One matrix product per clip, reading each clip's ``[L, D]`` once for every run that shares it.
+            Layer-major clips make it one ``[R', L] x [L, N*D]`` matrix product, reading each clip once for
+            every run that shares it (the clips' rows may be strided: no copy).
             """
+            n_layers, n_clips, dim = means.shape
             if not self.weighted:
-                return means[:, :1].expand(-1, len(runs), -1)
-            return torch.matmul(self.layer_weights(runs), means)
+                return means[0].unsqueeze(0).expand(len(runs), -1, -1)
+            if means.stride(2) != 1 or means.stride(1) != dim:
+                means = means.contiguous()
+            flat = means.as_strided((n_layers, n_clips * dim), (means.stride(0), 1))
+            return torch.mm(self.layer_weights(runs), flat).view(len(runs), n_clips, dim)
 
         def grouped_pooled(self, means, members, run_slot):
-            """Every run's weighted sum ``[R, B, D]`` from its group's batch: ``means [G, B, L, D]``.
+            """Every run's weighted sum ``[R, B, D]`` from the groups' batches ``means [L, G*B, D]`` (layer-major).
 
-            ``members[g]``: the runs that share group g's batch; ``run_slot [R]``: where each run lands in
-            the groups' concatenated outputs.
+            ``members[g]``: the runs sharing group g's batch (clips ``g*B`` to ``(g+1)*B``); ``run_slot [R]``:
+            where each run lands in the groups' concatenated outputs.
             """
-            parts = [self.pooled(runs, means[g]) for g, runs in enumerate(members)]
-            return torch.cat(parts, dim=1).index_select(1, run_slot).transpose(0, 1)
+            batch = means.shape[1] // len(members)
+            parts = [self.pooled(runs, means[:, g * batch:(g + 1) * batch]) for g, runs in enumerate(members)]
+            return torch.cat(parts).index_select(0, run_slot)
 
         def output_map(self, runs=None):
             """Projector and output layer folded into one affine map per run: ``[R', C, D]`` and ``[R', C]``.
@@ -84,9 +90,9 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
 
         def run_logits(self, runs, means):
-            """Logits of ``runs`` (indices) on shared clips ``means [N, L, D]`` → ``[len(runs), N, C]``."""
+            """Logits of ``runs`` (indices) on shared clips ``means [L, N, D]`` (layer-major) → ``[len(runs), N, C]``."""
             weight, bias = self.output_map(runs)
-            pooled = self.pooled(runs, means).transpose(0, 1)
+            pooled = self.pooled(runs, means)
             return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
 
         def per_run_grad_norms(self):
@@ -98,6 +104,8 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             """``torch.nn.utils.clip_grad_norm_`` applied to each run's slices separately."""
             total = self.per_run_grad_norms()
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            if bool((coef == 1.0).all()):  # no run over the limit: scaling by 1 changes nothing, skip the pass
+                return total
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))

@@ -51,7 +51,7 @@ def batched_loss(head, grid: Grid, positions, counts, accumulate: int):
     from s3prl_stimulus.loss import soft_cross_entropy
 
     batch = positions.shape[1]
-    means = grid.features[grid.group_rows.gather(1, positions)]
+    means = grid.features.index_select(1, grid.group_rows.gather(1, positions).flatten())  # [L, G*B, D]
     pooled = head.grouped_pooled(means, [group.runs for group in grid.groups], grid.run_slot)
     logits = head(pooled)
     run_positions, run_counts = positions[grid.run_group], counts[grid.run_group]
@@ -89,7 +89,8 @@ def evaluate_split(head, grid: Grid, split: str) -> Evaluation:
                 continue
             rows = torch.from_numpy(data.rows[split]).to(grid.features.device)
             index = torch.tensor(runs, device=rows.device)
-            logits = torch.cat([head.run_logits(index, grid.features[chunk]) for chunk in rows.split(EVAL_CHUNK)], dim=1)
+            chunks = rows.split(EVAL_CHUNK)
+            logits = torch.cat([head.run_logits(index, grid.features.index_select(1, chunk)) for chunk in chunks], dim=1)
             for i, r in enumerate(runs):
                 out[r] = logits[i].double().cpu()  # as the expert: float32 logits, scored in float64
     return Evaluation(split, out)
