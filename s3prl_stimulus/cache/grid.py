@@ -42,10 +42,13 @@ def find_caches(paths: Sequence) -> list[Path]:
 
 
 def cache_for_fold(manifests: dict, fold: int, normalisation: str) -> Path:
-    """The cache a fold needs: normalised with that fold's training statistics, or not normalised."""
+    """The cache a fold needs: normalised with that fold's training statistics (its own, or one cache that the
+    fold-invariance test let serve every fold, :mod:`s3prl_stimulus.cache.invariance`), or not normalised."""
+    from s3prl_stimulus.cache.normalisation import fold_entry
+
     for path, manifest in manifests.items():
-        norm = manifest["normalisation"]
-        if norm["kind"] == normalisation and (normalisation == "none" or norm["fold"] == fold):
+        kind = manifest["normalisation"]["kind"]
+        if kind == normalisation and (normalisation == "none" or fold_entry(manifest, fold) is not None):
             return path
     want = f"normalised with fold {fold}'s training statistics" if normalisation == "train_mean_std" else "without normalisation"
     option = f"--folds {fold}" if normalisation == "train_mean_std" else "--normalisation none"
@@ -112,9 +115,14 @@ def fold_clip_sets(cache, fold: int, datarc: dict) -> dict:
 def check_normalisation(cache, fold: int, train_clips: list) -> None:
     """The cache's waveform statistics must be the ones the S3PRL path would compute for this fold."""
     from s3prl_stimulus.audio import clips_fingerprint
+    from s3prl_stimulus.cache.normalisation import fold_entry
 
-    norm = cache.manifest["normalisation"]
-    if norm["kind"] == "train_mean_std" and norm["train_clips_sha256"] != clips_fingerprint(train_clips):
+    if cache.manifest["normalisation"]["kind"] != "train_mean_std":
+        return
+    norm = fold_entry(cache.manifest, fold)
+    if norm is None:
+        raise StimulusError(f"cache {cache.path} holds no fold-{fold} normalisation: extract with --folds {fold}")
+    if norm["train_clips_sha256"] != clips_fingerprint(train_clips):
         raise StimulusError(f"cache {cache.path} was normalised with statistics over another set of fold-{fold} training "
                             f"clips than the {len(train_clips)} this sweep trains on: extract with the same --clips")
 

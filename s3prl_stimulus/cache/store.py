@@ -208,5 +208,8 @@ def describe_cache(cache_dir) -> str:
     layers = up["n_hidden"] if up["weighted_sum"] else 1
     encoded, seconds = complete.get("encoded_clips", 0), complete.get("encode_seconds", 0.0)
     rate = f"{encoded} clips encoded at {encoded / seconds:.0f} clips/s" if encoded and seconds else "nothing to encode"
+    shared = manifest.get("shared_folds")
+    served = (f"normalisation of folds {', '.join(str(n['fold']) for n in shared)} (invariant: max relative deviation "
+              f"{manifest['invariance']['max_relative_deviation']:.1e})") if shared else f"normalisation {norm.tag}"
     return (f"cache complete: {cache_dir} ({manifest['n_clips']} clips, {layers} hidden state(s) x {up['dim']}, "
-            f"normalisation {norm.tag}, {manifest['dtype']}, {size / 1e6:.2f} MB; {rate})")
+            f"{served}, {manifest['dtype']}, {size / 1e6:.2f} MB; {rate})")
