@@ -200,7 +200,7 @@ def extract(audio_dir, out, spec: UpstreamSpec, normalisation: str = "train_mean
     norms = [Normalisation("none") if fold is None else fold_normalisation(audio_dir, order, fold) for fold in fold_list]
     record = None
     if len(norms) > 1 and not per_fold:
-        record = test_invariance(audio_dir, order, max_samples, norms, encoder)
+        record = measure_invariance(audio_dir, order, max_samples, norms, encoder)
         print(f"[extract] {describe_invariance(record)}", file=sys.stderr, flush=True)
     if record and record["holds"]:
         manifest = build_manifest(encoder.fields, norms[0], max_samples, dtype, encoder.feature_normalize, order, samples,
@@ -217,7 +217,7 @@ def extract(audio_dir, out, spec: UpstreamSpec, normalisation: str = "train_mean
     return written
 
 
-def test_invariance(audio_dir, order: Sequence[str], max_samples: Optional[int], norms: Sequence[Normalisation],
+def measure_invariance(audio_dir, order: Sequence[str], max_samples: Optional[int], norms: Sequence[Normalisation],
                     encoder: Encoder) -> dict:
     """The fold-invariance test on a sample of ``order`` (each clip encoded alone, as in the cache)."""
     import torch
