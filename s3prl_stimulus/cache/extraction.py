@@ -200,7 +200,7 @@ def extract(audio_dir, out, spec: UpstreamSpec, normalisation: str = "train_mean
     norms = [Normalisation("none") if fold is None else fold_normalisation(audio_dir, order, fold) for fold in fold_list]
     record = None
     if len(norms) > 1 and not per_fold:
-        record = measure_invariance(audio_dir, order, max_samples, norms, encoder)
+        record = measure_invariance(audio_dir, order, samples, max_samples, norms, encoder)
         print(f"[extract] {describe_invariance(record)}", file=sys.stderr, flush=True)
     if record and record["holds"]:
         manifest = build_manifest(encoder.fields, norms[0], max_samples, dtype, encoder.feature_normalize, order, samples,
@@ -217,18 +217,22 @@ def extract(audio_dir, out, spec: UpstreamSpec, normalisation: str = "train_mean
     return written
 
 
-def measure_invariance(audio_dir, order: Sequence[str], max_samples: Optional[int], norms: Sequence[Normalisation],
-                    encoder: Encoder) -> dict:
+def measure_invariance(audio_dir, order: Sequence[str], samples: Sequence[int], max_samples: Optional[int],
+                       norms: Sequence[Normalisation], encoder: Encoder) -> dict:
     """The fold-invariance test on a sample of ``order`` (each clip encoded alone, as in the cache)."""
     import torch
 
-    from s3prl_stimulus.cache.invariance import measure, sample_positions
+    from s3prl_stimulus.cache.invariance import SAMPLE_PER_LENGTH, measure, sample_positions
 
-    sample = [order[i] for i in sample_positions(len(order))]
+    lengths = [min(n, max_samples or n) for n in samples]
+    positions = sample_positions(lengths)
+    sample, sample_lengths = [order[i] for i in positions], [lengths[i] for i in positions]
 
     def encode_sample(norm: Normalisation) -> dict:
-        parts = [encoder.encode([torch.from_numpy(w).to(encoder.device)])
-                 for w in _read_batch(audio_dir, sample, norm, max_samples)]
+        parts = []
+        for a, b in equal_length_batches(sample_lengths, 0, len(sample), SAMPLE_PER_LENGTH):
+            wavs = _read_batch(audio_dir, sample[a:b], norm, max_samples)
+            parts.append(encoder.encode([torch.from_numpy(w).to(encoder.device) for w in wavs]))
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "frames"}
 
     return measure(encode_sample, norms, sample)

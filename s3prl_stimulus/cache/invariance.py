@@ -19,14 +19,21 @@ from typing import Sequence
 import numpy as np
 
 TOLERANCE = 1e-5  # relative, per hidden state; float32 upstreams measure ~1e-7 (docs/cache.md)
-SAMPLE_CLIPS = 16  # clips encoded under each fold's statistics: spread over the length-sorted corpus
+SAMPLE_LENGTHS, SAMPLE_PER_LENGTH = 4, 4  # clips of 4 lengths spread over the corpus, up to 4 of each (one batch)
 TEST = ("encode the sample under each fold's waveform statistics; per hidden state, max |difference| / "
         "max |mean of the first fold's| over the sample")
 
 
-def sample_positions(n_clips: int, n_sample: int = SAMPLE_CLIPS) -> list[int]:
-    """Evenly spaced positions in the length-sorted clip order: short to long clips, deterministic."""
-    return sorted({int(round(x)) for x in np.linspace(0, n_clips - 1, min(n_sample, n_clips))})
+def sample_positions(lengths: Sequence[int], n_lengths: int = SAMPLE_LENGTHS, per_length: int = SAMPLE_PER_LENGTH) -> list[int]:
+    """Positions in the length-sorted clip order: at ``n_lengths`` evenly spaced anchors, up to ``per_length``
+    clips of the anchor's length (so each length is one batch, as extraction encodes them). Deterministic."""
+    chosen: list[int] = []
+    for anchor in sorted({int(round(x)) for x in np.linspace(0, len(lengths) - 1, min(n_lengths, len(lengths)))}):
+        start = anchor
+        while start > 0 and lengths[start - 1] == lengths[anchor] and anchor - start < per_length - 1:
+            start -= 1
+        chosen.extend(i for i in range(start, min(start + per_length, len(lengths))) if lengths[i] == lengths[anchor])
+    return sorted(set(chosen))
 
 
 def relative_deviation(reference: np.ndarray, other: np.ndarray) -> float:
