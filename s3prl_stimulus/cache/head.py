@@ -66,7 +66,13 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             ``members[g]``: the runs sharing group g's batch (clips ``g*B`` to ``(g+1)*B``); ``run_slot [R]``:
             where each run lands in the groups' concatenated outputs.
             """
-            batch = means.shape[1] // len(members)
+            n_layers, n_clips, dim = means.shape
+            batch = n_clips // len(members)
+            if self.weighted and len({len(runs) for runs in members}) == 1:  # equal groups: one batched product
+                runs = torch.cat(list(members))
+                weights = self.layer_weights(runs).view(len(members), -1, n_layers)
+                blocks = means.reshape(n_layers, len(members), batch * dim).transpose(0, 1)
+                return torch.bmm(weights, blocks).view(len(runs), batch, dim).index_select(0, run_slot)
             parts = [self.pooled(runs, means[:, g * batch:(g + 1) * batch]) for g, runs in enumerate(members)]
             return torch.cat(parts).index_select(0, run_slot)
 
