@@ -38,8 +38,8 @@ def batched_loss(head, grid: Grid, positions, counts, accumulate: int):
     """Sum over runs of each run's class-balanced soft CE (mean over its batch), divided by ``accumulate``.
 
     ``positions [G, B]`` / ``counts [G]``: each (fold, seed) group's batch (:class:`BatchPlan`). A group's
-    features ``[B, L, D]`` are gathered once for all its runs, whose weighted sums are then one matrix
-    product per clip.
+    features are gathered once for all its runs (layer-major, ``[L, B, D]``), whose weighted sums are
+    then one matrix product ``[runs, L] x [L, B*D]``.
 
     :func:`s3prl_stimulus.loss.soft_cross_entropy` takes a mean over every row of the stacked batch;
     its per-clip scaling is linear in the class weights, so run r's rows get weights
