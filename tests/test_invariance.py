@@ -141,3 +141,14 @@ def test_relative_deviation_is_per_hidden_state():
     lengths = [10] * 6 + [20] * 3 + [30] * 10
     assert invariance.sample_positions(lengths) == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 15, 16, 17, 18]
     assert invariance.sample_positions([5, 7]) == [0, 1]
+
+
+def test_a_shared_cache_is_read_once_into_one_table_for_every_fold(corpus, layer_norm_caches):
+    from s3prl_stimulus.cache import sweeping
+
+    root, clips = corpus
+    shared, per_fold = layer_norm_caches
+    for caches, n_rows in ((shared, len(clips)), (per_fold, 2 * len(clips))):
+        prepared = sweeping.prepare([caches[0].parent], (["voice"], FOLDS, [1]), None, None, None, None, "cpu", False)
+        assert prepared.grid.features.shape[1] == n_rows  # folds served by one cache share its rows
+        assert set(prepared.chosen.values()) == set(caches)
