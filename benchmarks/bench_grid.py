@@ -243,7 +243,7 @@ def gpu_profile(args, work: Path) -> dict:
         ("clips / steps per run / eval every", f"{n} / {steps} / {eval_step}"),
         ("extract 1 fold fp32: encoding / end to end (start-up, stats, hashing)", f"{rate32:.0f} / {n / t32:.0f} clips/s ({t32:.1f} s)"),
         ("extract 1 fold bf16: encoding / end to end (start-up, stats, hashing)", f"{rate16:.0f} / {n / t16:.0f} clips/s ({t16:.1f} s)"),
-        ("extract 5 folds bf16 (folds 2-5: invariance test, then per fold if it fails)", f"{t16 + t16_rest:.1f} s: fold1, {describe_caches(bf16_made)}"),
+        ("extract 5 folds bf16 (folds 2-5: invariance test, then per fold if it fails)", f"{t16 + t16_rest:.1f} s: {describe_caches(bf16_made)}"),
         ("extract 5 folds fp32, invariance shortcut", f"{t_shared:.1f} s: {describe_caches(made)}"),
         (f"sweep, 20 runs x {steps} steps ({sweep_cache})", f"{t_sweep:.1f} s"),
         ("cache path total (shared fp32 extract if the test held, else bf16 per fold; + sweep)", f"{cache_total:.1f} s"),
