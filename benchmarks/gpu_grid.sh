@@ -3,6 +3,9 @@
 #
 #   bash benchmarks/gpu_grid.sh           # GPU: WavLM-Large-shaped random upstream (25 x 1024), 7,442 clips
 #                                         #      with CREMA-D's lengths, the paper's 15,510 steps
+#
+# Since issue 13 it also extracts the five folds in fp32 with the fold-invariance shortcut (one cache when
+# the test holds; bf16 fails it and stays per fold) and sweeps that cache with the grouped step.
 #   bash benchmarks/gpu_grid.sh --small   # CPU, CI-sized (a couple of minutes): same script, tiny sizes
 #
 # Run from anywhere; it works in the repository root. Nothing is downloaded: on a machine without the

@@ -12,6 +12,8 @@ so training from the cache follows the same trajectory as training through S3PRL
 Extraction (``s3prl-stimulus extract``):
 
 - :mod:`.normalisation`: the waveform preprocessing ``datarc`` names: per-fold training mean/std, crop.
+- :mod:`.invariance`: whether the upstream's means are the same under every fold's normalisation, measured on a
+  sample of clips (then one cache serves every fold).
 - :mod:`.manifest`: the cache key: key fields, their SHA-256, building, reading and comparing manifests.
 - :mod:`.store`: a cache directory on disk: checksummed chunks, completion marker, loading (FeatureCache).
 - :mod:`.upstream`: the frozen upstream: built through S3PRL's hub, weight hash, per-clip means of a batch.

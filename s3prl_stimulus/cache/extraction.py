@@ -1,5 +1,8 @@
 """``extract``: encode the chosen clips into one complete cache per waveform normalisation, resumably.
 
+Several folds' normalisations share one cache when the upstream is measured to be invariant to them
+(:mod:`s3prl_stimulus.cache.invariance`); ``per_fold`` (``--per-fold``) skips the test.
+
 Each clip is encoded as it would be alone (S3PRL's features of a clip otherwise depend on its batch
 mates' padding, see docs/cache.md): clips are sorted by length and only clips with the same number of
 samples share a batch; CREMA-D has 115 distinct lengths, so batches stay full. Audio is streamed,
@@ -20,7 +23,8 @@ import numpy as np
 
 from s3prl_stimulus.audio import read_clip_list
 from s3prl_stimulus.cache.manifest import MANIFEST, _describe_difference, build_manifest, read_manifest
-from s3prl_stimulus.cache.normalisation import NORMALISATIONS, Normalisation, fold_normalisation, truncation
+from s3prl_stimulus.cache.invariance import describe as describe_invariance
+from s3prl_stimulus.cache.normalisation import NORMALISATIONS, Normalisation, fold_normalisation, shared_tag, truncation
 from s3prl_stimulus.cache.store import (CHUNKS, COMPLETE, _disk_error, _remove_stale_temporaries, cache_dir_for,
                                         chunk_is_valid, chunk_path, chunk_ranges, write_chunk)
 from s3prl_stimulus.cache.upstream import (DTYPES, UpstreamSpec, build_upstream, check_device, default_device,
@@ -174,9 +178,12 @@ class Encoder:
 def extract(audio_dir, out, spec: UpstreamSpec, normalisation: str = "train_mean_std", folds=(1, 2, 3, 4, 5),
             clips="all", device: Optional[str] = None, dtype: str = "fp32", feature_normalize: bool = False,
             max_seconds="config", name: Optional[str] = None, chunk_clips: int = 256, batch_clips: int = 32,
-            progress: bool = True) -> list[Path]:
-    """Encode the clips into ``<out>/<name>/<fold<k>|none>`` (one cache per fold's normalisation).
+            progress: bool = True, per_fold: bool = False) -> list[Path]:
+    """Encode the clips into ``<out>/<name>/<fold<k>|folds<k...>|none>``.
 
+    With several folds' normalisations, the fold-invariance test (:mod:`s3prl_stimulus.cache.invariance`)
+    runs first, on a sample of the clips: when it holds, one cache (``folds<k...>``, encoded under the
+    first fold's statistics) serves every fold; otherwise, or with ``per_fold``, one cache per fold.
     ``clips``: ``all`` | ``present`` | a clip-list file | a list of names. ``max_seconds``: the
     S3PRL path's ``datarc.max_seconds`` crop (``"config"``: the packaged config's). Rerunning with
     the same arguments resumes; a directory made with other settings is refused.
@@ -190,15 +197,45 @@ def extract(audio_dir, out, spec: UpstreamSpec, normalisation: str = "train_mean
     order, samples = sorted_by_length(frames)
     max_samples = truncation(samples, packaged_datarc()["max_seconds"] if max_seconds == "config" else max_seconds)
     encoder = Encoder.build(spec, device, dtype, feature_normalize)
+    norms = [Normalisation("none") if fold is None else fold_normalisation(audio_dir, order, fold) for fold in fold_list]
+    record = None
+    if len(norms) > 1 and not per_fold:
+        record = measure_invariance(audio_dir, order, samples, max_samples, norms, encoder)
+        print(f"[extract] {describe_invariance(record)}", file=sys.stderr, flush=True)
+    if record and record["holds"]:
+        manifest = build_manifest(encoder.fields, norms[0], max_samples, dtype, encoder.feature_normalize, order, samples,
+                                  chunk_clips, upstream_ckpt=spec.ckpt, name=name, shared_folds=norms, invariance=record)
+        cache_dir = cache_dir_for(out, name or spec.name, shared_tag(fold_list))
+        return [extract_one(audio_dir, cache_dir, manifest, norms[0], encoder, batch_clips, progress)]
     written = []
-    for fold in fold_list:
-        norm = Normalisation("none") if fold is None else fold_normalisation(audio_dir, order, fold)
+    for norm in norms:
         manifest = build_manifest(encoder.fields, norm, max_samples, dtype, encoder.feature_normalize, order, samples,
-                                  chunk_clips, upstream_ckpt=spec.ckpt, name=name)
+                                  chunk_clips, upstream_ckpt=spec.ckpt, name=name, invariance=record)
         cache_dir = cache_dir_for(out, name or spec.name, norm.tag)
         extract_one(audio_dir, cache_dir, manifest, norm, encoder, batch_clips, progress)
         written.append(cache_dir)
     return written
+
+
+def measure_invariance(audio_dir, order: Sequence[str], samples: Sequence[int], max_samples: Optional[int],
+                       norms: Sequence[Normalisation], encoder: Encoder) -> dict:
+    """The fold-invariance test on a sample of ``order`` (each clip encoded alone, as in the cache)."""
+    import torch
+
+    from s3prl_stimulus.cache.invariance import SAMPLE_PER_LENGTH, measure, sample_positions
+
+    lengths = [min(n, max_samples or n) for n in samples]
+    positions = sample_positions(lengths)
+    sample, sample_lengths = [order[i] for i in positions], [lengths[i] for i in positions]
+
+    def encode_sample(norm: Normalisation) -> dict:
+        parts = []
+        for a, b in equal_length_batches(sample_lengths, 0, len(sample), SAMPLE_PER_LENGTH):
+            wavs = _read_batch(audio_dir, sample[a:b], norm, max_samples)
+            parts.append(encoder.encode([torch.from_numpy(w).to(encoder.device) for w in wavs]))
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "frames"}
+
+    return measure(encode_sample, norms, sample)
 
 
 def extract_one(audio_dir, cache_dir: Path, manifest: dict, normalisation: Normalisation, encoder: Encoder,

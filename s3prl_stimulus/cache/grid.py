@@ -42,10 +42,13 @@ def find_caches(paths: Sequence) -> list[Path]:
 
 
 def cache_for_fold(manifests: dict, fold: int, normalisation: str) -> Path:
-    """The cache a fold needs: normalised with that fold's training statistics, or not normalised."""
+    """The cache a fold needs: normalised with that fold's training statistics (its own, or one cache that the
+    fold-invariance test let serve every fold, :mod:`s3prl_stimulus.cache.invariance`), or not normalised."""
+    from s3prl_stimulus.cache.normalisation import fold_entry
+
     for path, manifest in manifests.items():
-        norm = manifest["normalisation"]
-        if norm["kind"] == normalisation and (normalisation == "none" or norm["fold"] == fold):
+        kind = manifest["normalisation"]["kind"]
+        if kind == normalisation and (normalisation == "none" or fold_entry(manifest, fold) is not None):
             return path
     want = f"normalised with fold {fold}'s training statistics" if normalisation == "train_mean_std" else "without normalisation"
     option = f"--folds {fold}" if normalisation == "train_mean_std" else "--normalisation none"
@@ -112,9 +115,14 @@ def fold_clip_sets(cache, fold: int, datarc: dict) -> dict:
 def check_normalisation(cache, fold: int, train_clips: list) -> None:
     """The cache's waveform statistics must be the ones the S3PRL path would compute for this fold."""
     from s3prl_stimulus.audio import clips_fingerprint
+    from s3prl_stimulus.cache.normalisation import fold_entry
 
-    norm = cache.manifest["normalisation"]
-    if norm["kind"] == "train_mean_std" and norm["train_clips_sha256"] != clips_fingerprint(train_clips):
+    if cache.manifest["normalisation"]["kind"] != "train_mean_std":
+        return
+    norm = fold_entry(cache.manifest, fold)
+    if norm is None:
+        raise StimulusError(f"cache {cache.path} holds no fold-{fold} normalisation: extract with --folds {fold}")
+    if norm["train_clips_sha256"] != clips_fingerprint(train_clips):
         raise StimulusError(f"cache {cache.path} was normalised with statistics over another set of fold-{fold} training "
                             f"clips than the {len(train_clips)} this sweep trains on: extract with the same --clips")
 
@@ -179,42 +187,59 @@ class EpochShuffler:
 
 
 @dataclass
+class BatchGroup:
+    """Runs sharing a (fold, seed): they train on the same batches, so each batch is gathered once for them."""
+
+    key: tuple  # (fold, seed)
+    runs: object  # torch [S] run indices, in grid order
+    n_train: int  # the fold's training clips
+
+
+@dataclass
 class Grid:
     """Everything the batched program needs, on the device."""
 
     runs: list
     folds: dict  # fold -> FoldData
-    features: object  # torch [N_all, L, D]
+    features: object  # torch [L, N_all, D], layer-major (see layer_major_table); folds served by one cache share rows
     train_rows: object  # torch [sum n_r] rows into features, run after run
     train_targets: object  # torch [sum n_r, C] float32 soft targets of each run's train stimulus
     offsets: object  # torch [R] start of each run's block in train_rows
     class_weights: object  # torch [R, C] float32
     train_sizes: list
+    groups: list = field(default_factory=list)  # BatchGroup, in order of first run
+    group_rows: object = None  # torch [G, max n_train]: each group's training rows into features (zero padded)
+    run_group: object = None  # torch [R]: each run's group
+    run_slot: object = None  # torch [R]: each run's place in the groups' concatenated members
 
 
 def prepare_grid(caches: dict, runs: list, datarc: dict, test_stimuli: Sequence[str], feature_normalize: bool, device):
-    """Stack the folds' features on the device and each run's training rows, targets and class weights."""
+    """Stack the folds' features on the device and each run's training rows, targets and class weights.
+
+    Folds served by one cache (one extraction for every fold's normalisation) share its block of rows.
+    """
     import torch
 
     from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy
 
-    blocks, folds, start = [], {}, 0
+    blocks, starts, folds = [], {}, {}
     train_stimuli = list(dict.fromkeys(r.train_stimulus for r in runs))
     stimuli = list(dict.fromkeys([*train_stimuli, *test_stimuli]))
     for fold, cache in caches.items():
         clips = fold_clip_sets(cache, fold, datarc)
         check_normalisation(cache, fold, clips["train"])
         check_crop(cache, datarc)
-        rows = {s: cache.index_of(c) + start for s, c in clips.items()}
-        blocks.append(cache.features(feature_normalize))
-        start += len(cache.clips)
+        if id(cache) not in starts:
+            starts[id(cache)] = sum(len(b) for b in blocks)
+            blocks.append(cache.features(feature_normalize))
+        rows = {s: cache.index_of(c) + starts[id(cache)] for s, c in clips.items()}
         labels = FoldLabels(str(datarc["votes"]), float(datarc["smoothing"]), stimuli, clips)
         data = FoldData(fold, clips, rows, labels)
         for stimulus in train_stimuli:
             binary = labels.binary_labels(stimulus, clips["train"])
             data.class_weights[stimulus] = ClassBalancedSoftCrossEntropy.from_labels(binary).class_weights
         folds[fold] = data
-    features = torch.from_numpy(np.concatenate(blocks) if len(blocks) > 1 else blocks[0]).to(device)
+    features = layer_major_table(blocks, device)
     train_rows, train_targets, offsets, sizes = [], [], [], []
     for run in runs:
         data = folds[run.fold]
@@ -223,30 +248,72 @@ def prepare_grid(caches: dict, runs: list, datarc: dict, test_stimuli: Sequence[
         train_rows.append(data.rows["train"])
         train_targets.append(data.labels.soft_targets(run.train_stimulus, data.clips["train"]))
     weights = torch.stack([folds[r.fold].class_weights[r.train_stimulus] for r in runs])
-    return Grid(runs, folds, features, torch.from_numpy(np.concatenate(train_rows)).to(device),
+    grid = Grid(runs, folds, features, torch.from_numpy(np.concatenate(train_rows)).to(device),
                 torch.from_numpy(np.concatenate(train_targets).astype(np.float32)).to(device),
                 torch.tensor(offsets, device=device), weights.to(device), sizes)
+    _add_batch_groups(grid, device)
+    return grid
+
+
+def layer_major_table(blocks: list, device):
+    """The caches' means ``[N, L, D]`` stacked into one layer-major table ``[L, N_all, D]`` on the device.
+
+    Layer-major, a batch's layers are each one ``[B, D]`` block side by side, so a run's weighted sum
+    over them is one matrix product ``[L] x [L, B*D]`` and runs sharing a batch share one gather. Built
+    without a copy from one cache read by :func:`s3prl_stimulus.cache.store.load_cache` (already
+    layer-major), else with one copy, as the clip-major concatenation was.
+    """
+    import torch
+
+    if len(blocks) == 1 and blocks[0].transpose(1, 0, 2).flags.c_contiguous:  # read layer-major: no copy
+        return torch.from_numpy(blocks[0].transpose(1, 0, 2)).to(device)
+    n_layers, dim = blocks[0].shape[1:]
+    table = torch.empty((n_layers, sum(len(b) for b in blocks), dim), dtype=torch.float32, device=device)
+    start = 0
+    for block in blocks:
+        table[:, start:start + len(block)].copy_(torch.from_numpy(block).transpose(0, 1))
+        start += len(block)
+    return table
+
+
+def _add_batch_groups(grid: Grid, device) -> None:
+    """Group the runs by (fold, seed): members, the fold's training rows, and each run's place among them."""
+    import torch
+
+    members: dict = {}
+    for r, run in enumerate(grid.runs):
+        members.setdefault((run.fold, run.seed), []).append(r)
+    keys = list(members)
+    table = np.zeros((len(keys), max(len(grid.folds[fold].rows["train"]) for fold, _ in keys)), dtype=np.int64)
+    for g, (fold, _) in enumerate(keys):
+        rows = grid.folds[fold].rows["train"]
+        table[g, :len(rows)] = rows
+    order = [r for key in keys for r in members[key]]
+    slot = np.empty(len(grid.runs), dtype=np.int64)
+    slot[order] = np.arange(len(order))
+    grid.groups = [BatchGroup(key, torch.tensor(members[key], device=device), len(grid.folds[key[0]].rows["train"]))
+                   for key in keys]
+    grid.group_rows = torch.from_numpy(table).to(device)
+    grid.run_group = torch.tensor([keys.index((run.fold, run.seed)) for run in grid.runs], device=device)
+    grid.run_slot = torch.from_numpy(slot).to(device)
 
 
 class BatchPlan:
-    """Per step, every run's batch positions ``[R, B]`` and mask; runs sharing (fold, seed) share batches."""
+    """Per step, each (fold, seed) group's batch positions ``[G, B]`` (zero padded) and sizes ``[G]``.
+
+    Runs of a group share its batches; ``groups`` follows ``grid.groups``' order.
+    """
 
     def __init__(self, grid: Grid, batch_size: int):
         self.batch_size = batch_size
-        self.groups: dict = {}
-        self.members = []
-        for r, run in enumerate(grid.runs):
-            key = (run.fold, run.seed)
-            if key not in self.groups:
-                self.groups[key] = EpochShuffler(grid.train_sizes[r], batch_size, run.seed, run.fold)
-            self.members.append(key)
+        self.groups: dict = {group.key: EpochShuffler(group.n_train, batch_size, group.key[1], group.key[0])
+                             for group in grid.groups}
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:
-        batches = {key: shuffler.next_batch() for key, shuffler in self.groups.items()}
-        positions = np.zeros((len(self.members), self.batch_size), dtype=np.int64)
-        counts = np.zeros(len(self.members), dtype=np.int64)
-        for r, key in enumerate(self.members):
-            batch = batches[key]
-            positions[r, :len(batch)] = batch
-            counts[r] = len(batch)
+        positions = np.zeros((len(self.groups), self.batch_size), dtype=np.int64)
+        counts = np.zeros(len(self.groups), dtype=np.int64)
+        for g, shuffler in enumerate(self.groups.values()):
+            batch = shuffler.next_batch()
+            positions[g, :len(batch)] = batch
+            counts[g] = len(batch)
         return positions, counts

@@ -41,25 +41,65 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             self.linear_weight = nn.Parameter(torch.zeros(n_runs, n_classes, projector_dim))
             self.linear_bias = nn.Parameter(torch.zeros(n_runs, n_classes))
 
-        def pooled(self, means):
-            """``means [R, B, L, D]`` → the featurizer's weighted sum ``[R, B, D]`` (S3PRL: softmax of weights)."""
-            if not self.weighted:
-                return means[:, :, 0]
-            return torch.einsum("rl,rbld->rbd", torch.softmax(self.featurizer_weights, dim=-1), means)
+        def layer_weights(self, runs=None):
+            """The featurizer's weights of ``runs`` (default all) after S3PRL's softmax: ``[R', L]``."""
+            weights = self.featurizer_weights if runs is None else self.featurizer_weights[runs]
+            return torch.softmax(weights, dim=-1)
 
-        def forward(self, means):
-            """Logits ``[R, B, C]``: Linear(mean) = mean(Linear) — the head is linear after pooling."""
-            hidden = torch.baddbmm(self.projector_bias.unsqueeze(1), self.pooled(means), self.projector_weight.transpose(1, 2))
-            return torch.baddbmm(self.linear_bias.unsqueeze(1), hidden, self.linear_weight.transpose(1, 2))
+        def pooled(self, runs, means):
+            """The weighted sum of ``runs`` over shared clips ``means [L, N, D]`` (layer-major) → ``[len(runs), N, D]``.
+
+            Layer-major clips make it one ``[R', L] x [L, N*D]`` matrix product, reading each clip once for
+            every run that shares it (the clips' rows may be strided: no copy).
+            """
+            n_layers, n_clips, dim = means.shape
+            if not self.weighted:
+                return means[0].unsqueeze(0).expand(len(runs), -1, -1)
+            if means.stride(2) != 1 or means.stride(1) != dim:
+                means = means.contiguous()
+            flat = means.as_strided((n_layers, n_clips * dim), (means.stride(0), 1))
+            return torch.mm(self.layer_weights(runs), flat).view(len(runs), n_clips, dim)
+
+        def grouped_pooled(self, means, members, run_slot):
+            """Every run's weighted sum ``[R, B, D]`` from the groups' batches ``means [L, G*B, D]`` (layer-major).
+
+            ``members[g]``: the runs sharing group g's batch (clips ``g*B`` to ``(g+1)*B``); ``run_slot [R]``:
+            where each run lands in the groups' concatenated outputs.
+            """
+            n_layers, n_clips, dim = means.shape
+            batch = n_clips // len(members)
+            if self.weighted and len({len(runs) for runs in members}) == 1:  # equal groups: one batched product
+                runs = torch.cat(list(members))
+                weights = self.layer_weights(runs).view(len(members), -1, n_layers)
+                blocks = means.reshape(n_layers, len(members), batch * dim).transpose(0, 1)
+                return torch.bmm(weights, blocks).view(len(runs), batch, dim).index_select(0, run_slot)
+            parts = [self.pooled(runs, means[:, g * batch:(g + 1) * batch]) for g, runs in enumerate(members)]
+            return torch.cat(parts).index_select(0, run_slot)
+
+        def output_map(self, runs=None):
+            """Projector and output layer folded into one affine map per run: ``[R', C, D]`` and ``[R', C]``.
+
+            The head is linear after pooling: ``Lw (W x + b) + c = (Lw W) x + (Lw b + c)``. Folding costs
+            one ``[C, P] x [P, D]`` product per run per step instead of a ``[P, D]`` product per clip, and
+            autograd's gradients of ``W``, ``b``, ``Lw``, ``c`` are those of the unfolded head (up to float
+            rounding).
+            """
+            select = (lambda t: t) if runs is None else (lambda t: t[runs])
+            linear_weight, linear_bias = select(self.linear_weight), select(self.linear_bias)
+            weight = torch.bmm(linear_weight, select(self.projector_weight))
+            bias = torch.baddbmm(linear_bias.unsqueeze(2), linear_weight, select(self.projector_bias).unsqueeze(2))
+            return weight, bias.squeeze(2)
+
+        def forward(self, pooled):
+            """Logits ``[R, B, C]`` of pooled features ``[R, B, D]``: Linear(mean) = mean(Linear) — linear after pooling."""
+            weight, bias = self.output_map()
+            return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
 
         def run_logits(self, runs, means):
-            """Logits of ``runs`` (indices) on shared clips ``means [N, L, D]`` → ``[len(runs), N, C]``."""
-            if not self.weighted:
-                pooled = means[:, 0].unsqueeze(0).expand(len(runs), -1, -1)
-            else:
-                pooled = torch.einsum("rl,nld->rnd", torch.softmax(self.featurizer_weights[runs], dim=-1), means)
-            hidden = torch.baddbmm(self.projector_bias[runs].unsqueeze(1), pooled, self.projector_weight[runs].transpose(1, 2))
-            return torch.baddbmm(self.linear_bias[runs].unsqueeze(1), hidden, self.linear_weight[runs].transpose(1, 2))
+            """Logits of ``runs`` (indices) on shared clips ``means [L, N, D]`` (layer-major) → ``[len(runs), N, C]``."""
+            weight, bias = self.output_map(runs)
+            pooled = self.pooled(runs, means)
+            return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
 
         def per_run_grad_norms(self):
             """Per run, ``clip_grad_norm_``'s total norm: the 2-norm of the per-tensor 2-norms of its gradients."""
@@ -70,6 +110,8 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             """``torch.nn.utils.clip_grad_norm_`` applied to each run's slices separately."""
             total = self.per_run_grad_norms()
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            if bool((coef == 1.0).all()):  # no run over the limit: scaling by 1 changes nothing, skip the pass
+                return total
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
@@ -131,9 +173,32 @@ def build_optimizer(head, config: dict, total_steps: int):
     from s3prl.optimizers import get_optimizer
 
     optimizer = get_optimizer([head], total_steps, config["optimizer"])
+    use_fused_step(optimizer)
     scheduler = None
     if config.get("scheduler"):
         from s3prl.schedulers import get_scheduler
 
         scheduler = get_scheduler(optimizer, total_steps, config["scheduler"])
     return optimizer, scheduler
+
+
+FUSED_OPTIMIZERS = ("Adam", "AdamW")
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def use_fused_step(optimizer) -> None:
+    """Step Adam/AdamW with torch's fused kernel: the same update, one pass over each stacked tensor.
+
+    The per-tensor loop (torch's default on CPU) makes several passes; the fused kernel computes the
+    same arithmetic element-wise. Left alone: other optimizers, devices without the kernel, and a
+    config that chose ``foreach``/``fused`` itself. Called again after a resumed state is loaded,
+    since ``load_state_dict`` brings back the saved group settings.
+    """
+    if type(optimizer).__name__ not in FUSED_OPTIMIZERS or type(optimizer).__module__.split(".")[0] != "torch":
+        return
+    for group in optimizer.param_groups:
+        devices = {p.device.type for p in group["params"]}
+        chosen = group.get("fused") is not None or group.get("foreach") is not None
+        if chosen or group.get("differentiable") or not devices <= set(FUSED_DEVICES):
+            continue
+        group["fused"], group["foreach"] = True, False

@@ -24,6 +24,9 @@ SCHEMA = 1
 MANIFEST = "manifest.json"
 KEY_FIELDS = ("schema", "package_version", "upstream", "normalisation", "max_samples", "dtype", "feature_normalize",
               "clips_sha256")
+OPTIONAL_KEY_FIELDS = ("shared_folds",)
+"""Key fields only some manifests have (so older caches keep their keys): ``shared_folds`` lists every fold's
+normalisation a fold-invariant cache serves (:mod:`s3prl_stimulus.cache.invariance`)."""
 
 
 def clips_sha256(clips: Sequence[str], samples: Sequence[int]) -> str:
@@ -34,13 +37,21 @@ def clips_sha256(clips: Sequence[str], samples: Sequence[int]) -> str:
 
 def manifest_key(fields: dict) -> str:
     """SHA-256 of the key fields, canonical JSON."""
-    return hashlib.sha256(json.dumps({k: fields[k] for k in KEY_FIELDS}, sort_keys=True).encode()).hexdigest()
+    keyed = {k: fields[k] for k in KEY_FIELDS}
+    keyed.update({k: fields[k] for k in OPTIONAL_KEY_FIELDS if fields.get(k) is not None})
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
 def build_manifest(upstream: dict, normalisation: Normalisation, max_samples: Optional[int], dtype: str,
                    feature_normalize: bool, clips: Sequence[str], samples: Sequence[int], chunk_clips: int,
-                   upstream_ckpt: Optional[str] = None, name: Optional[str] = None) -> dict:
-    """Key fields (hashed into ``key``) plus layout: clip order, lengths, chunk size."""
+                   upstream_ckpt: Optional[str] = None, name: Optional[str] = None, shared_folds: Optional[list] = None,
+                   invariance: Optional[dict] = None) -> dict:
+    """Key fields (hashed into ``key``) plus layout: clip order, lengths, chunk size.
+
+    ``shared_folds``: the normalisations of every fold this cache serves (encoded under ``normalisation``,
+    the first of them) when the fold-invariance test held; ``invariance``: that test's record (not keyed:
+    a resumed extraction keeps the first measurement).
+    """
     fields = {
         "schema": SCHEMA,
         "package_version": __version__,
@@ -51,7 +62,10 @@ def build_manifest(upstream: dict, normalisation: Normalisation, max_samples: Op
         "feature_normalize": bool(feature_normalize),
         "clips_sha256": clips_sha256(clips, samples),
     }
-    return {**fields, "key": manifest_key(fields), "name": name or upstream["name"], "upstream_ckpt": upstream_ckpt,
+    if shared_folds:
+        fields["shared_folds"] = [dataclasses.asdict(n) for n in shared_folds]
+    extra = {"invariance": invariance} if invariance else {}
+    return {**fields, "key": manifest_key(fields), **extra, "name": name or upstream["name"], "upstream_ckpt": upstream_ckpt,
             "n_clips": len(clips),
             "chunk_clips": int(chunk_clips), "clips": list(clips), "samples": [int(n) for n in samples]}
 
@@ -59,7 +73,7 @@ def build_manifest(upstream: dict, normalisation: Normalisation, max_samples: Op
 def _describe_difference(found: dict, wanted: dict) -> str:
     """Which key fields differ, worded for a user (first few)."""
     parts = []
-    for field in KEY_FIELDS:
+    for field in KEY_FIELDS + OPTIONAL_KEY_FIELDS:
         a, b = found.get(field), wanted.get(field)
         if a == b:
             continue
@@ -68,6 +82,8 @@ def _describe_difference(found: dict, wanted: dict) -> str:
             parts.extend(inner)
         elif field == "clips_sha256":
             parts.append("clip list or clip lengths")
+        elif field == "shared_folds":
+            parts.append("one cache for every fold vs one per fold (--per-fold)")
         else:
             parts.append(f"{field}: {a!r} vs {b!r}")
     return "; ".join(parts[:4]) + ("; …" if len(parts) > 4 else "")

@@ -65,3 +65,16 @@ def truncation(samples: Sequence[int], max_seconds) -> Optional[int]:
     if max_samples < 1:
         raise StimulusError(f"max_seconds={max_seconds} keeps no sample: use a positive number of seconds (paper: 10)")
     return max_samples if max(samples) > max_samples else None
+
+
+def fold_entry(manifest: dict, fold: int):
+    """The normalisation a cache holds for ``fold`` (dict), or None: its own, or one of ``shared_folds``."""
+    norm = manifest["normalisation"]
+    if norm["kind"] == "train_mean_std" and norm["fold"] == fold:
+        return norm
+    return next((n for n in manifest.get("shared_folds") or [] if n["fold"] == fold), None)
+
+
+def shared_tag(folds) -> str:
+    """Directory name of one cache serving several folds: ``folds12345``."""
+    return "folds" + "".join(str(k) for k in sorted(folds))

@@ -109,7 +109,7 @@ class FeatureCache:
     manifest: dict
     clips: np.ndarray  # [N] str
     frames: np.ndarray  # [N] int64
-    means: np.ndarray  # [N, L, D] float32
+    means: np.ndarray  # [N, L, D] float32 (stored layer-major: see layer_major_array)
     ln_means: Optional[np.ndarray]  # [N, L, D] float32, when extracted with feature normalisation
 
     @property
@@ -159,6 +159,16 @@ def check_complete(cache_dir) -> dict:
     return manifest
 
 
+def layer_major_array(shape) -> np.ndarray:
+    """An ``[N, L, D]`` float32 array stored layer-major (a transposed view of ``[L, N, D]``).
+
+    The sweep keeps its feature table layer-major (:func:`s3prl_stimulus.cache.grid.layer_major_table`);
+    reading a cache straight into that layout lets a single cache become the table without a copy.
+    """
+    n_clips, n_layers, dim = shape
+    return np.empty((n_layers, n_clips, dim), dtype=np.float32).transpose(1, 0, 2)
+
+
 def load_cache(cache_dir) -> FeatureCache:
     """Read a complete cache, verifying every chunk's checksum."""
     cache_dir = Path(cache_dir)
@@ -168,8 +178,8 @@ def load_cache(cache_dir) -> FeatureCache:
     up = manifest["upstream"]
     n_hidden = up["n_hidden"] if up["weighted_sum"] else 1
     shape = (len(clips), n_hidden, up["dim"])
-    means = np.empty(shape, dtype=np.float32)
-    ln_means = np.empty(shape, dtype=np.float32) if manifest["feature_normalize"] else None
+    means = layer_major_array(shape)
+    ln_means = layer_major_array(shape) if manifest["feature_normalize"] else None
     frames = np.empty(len(clips), dtype=np.int64)
     for i, (a, b) in enumerate(ranges):
         arrays = read_chunk(chunk_path(cache_dir, i), clips[a:b], cache_dir)
@@ -198,5 +208,8 @@ def describe_cache(cache_dir) -> str:
     layers = up["n_hidden"] if up["weighted_sum"] else 1
     encoded, seconds = complete.get("encoded_clips", 0), complete.get("encode_seconds", 0.0)
     rate = f"{encoded} clips encoded at {encoded / seconds:.0f} clips/s" if encoded and seconds else "nothing to encode"
+    shared = manifest.get("shared_folds")
+    served = (f"normalisation of folds {', '.join(str(n['fold']) for n in shared)} (invariant: max relative deviation "
+              f"{manifest['invariance']['max_relative_deviation']:.1e})") if shared else f"normalisation {norm.tag}"
     return (f"cache complete: {cache_dir} ({manifest['n_clips']} clips, {layers} hidden state(s) x {up['dim']}, "
-            f"normalisation {norm.tag}, {manifest['dtype']}, {size / 1e6:.2f} MB; {rate})")
+            f"{served}, {manifest['dtype']}, {size / 1e6:.2f} MB; {rate})")

@@ -86,7 +86,8 @@ def prepare(cache_paths, runs_spec, config, override, test_stimuli, votes, devic
     manifests = {path: check_complete(path) for path in find_caches(cache_paths)}
     chosen = {k: cache_for_fold(manifests, k, str(datarc["normalisation"])) for k in sorted({r.fold for r in runs})}
     check_same_upstream({p: manifests[p] for p in chosen.values()})
-    caches = {k: load_cache(p) for k, p in chosen.items()}
+    loaded = {p: load_cache(p) for p in dict.fromkeys(chosen.values())}  # a cache serving several folds: read once
+    caches = {k: loaded[p] for k, p in chosen.items()}
     grid = prepare_grid(caches, runs, datarc, test_stimuli, feature_normalize, device)
     first = next(iter(caches.values()))
     up = first.manifest["upstream"]

@@ -2,8 +2,11 @@
 
 The R runs are stacked into batched tensors (:mod:`s3prl_stimulus.cache.head`): layer weights
 ``[R, L]``, projector ``[R, P, D]`` and ``[R, P]``, output layer ``[R, C, P]`` and ``[R, C]``. One
-step gathers each run's batch ``[R, B, L, D]``, computes all logits with two batched matrix
-products, sums the runs' losses and steps one optimizer over the stacked tensors. Runs never interact:
+step gathers each (fold, seed) group's batch ``[B, L, D]`` once (its runs share batches), forms every
+run's weighted sum from it, applies each run's head folded into one ``[C, D]`` map (the head is
+linear), sums the runs' losses and steps one optimizer (fused Adam/AdamW kernel where torch has one)
+over the stacked tensors. These restructurings change float rounding only: a test keeps the per-run
+formulation and checks losses, parameters and probabilities against it. Runs never interact:
 
 - the loss is a sum of per-run losses, so each run's gradient is its own;
 - gradient clipping is computed per run (the norm over that run's slices), as S3PRL's runner clips
@@ -23,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from s3prl_stimulus.cache.grid import BatchPlan, Grid
-from s3prl_stimulus.cache.head import build_optimizer
+from s3prl_stimulus.cache.head import build_optimizer, use_fused_step
 from s3prl_stimulus.cache.sweep_config import S3PRL_PATH
 from s3prl_stimulus.errors import StimulusError
 
@@ -34,6 +37,10 @@ from s3prl_stimulus.errors import StimulusError
 def batched_loss(head, grid: Grid, positions, counts, accumulate: int):
     """Sum over runs of each run's class-balanced soft CE (mean over its batch), divided by ``accumulate``.
 
+    ``positions [G, B]`` / ``counts [G]``: each (fold, seed) group's batch (:class:`BatchPlan`). A group's
+    features are gathered once for all its runs (layer-major, ``[L, B, D]``), whose weighted sums are
+    then one matrix product ``[runs, L] x [L, B*D]``.
+
     :func:`s3prl_stimulus.loss.soft_cross_entropy` takes a mean over every row of the stacked batch;
     its per-clip scaling is linear in the class weights, so run r's rows get weights
     ``w_r * R*B / (n_r * accumulate)``: the stacked mean then equals the sum of per-run means, and
@@ -43,18 +50,24 @@ def batched_loss(head, grid: Grid, positions, counts, accumulate: int):
 
     from s3prl_stimulus.loss import soft_cross_entropy
 
-    n_runs, batch = positions.shape
-    mask = torch.arange(batch, device=positions.device).unsqueeze(0) < counts.unsqueeze(1)
-    flat = grid.offsets.unsqueeze(1) + positions
-    logits = head(grid.features[grid.train_rows[flat]])
-    targets = grid.train_targets[flat] * mask.unsqueeze(-1)
-    scale = (n_runs * batch) / (counts.to(torch.float32) * accumulate)
+    batch = positions.shape[1]
+    means = grid.features.index_select(1, grid.group_rows.gather(1, positions).flatten())  # [L, G*B, D]
+    pooled = head.grouped_pooled(means, [group.runs for group in grid.groups], grid.run_slot)
+    logits = head(pooled)
+    run_positions, run_counts = positions[grid.run_group], counts[grid.run_group]
+    n_runs = run_positions.shape[0]
+    mask = torch.arange(batch, device=positions.device).unsqueeze(0) < run_counts.unsqueeze(1)
+    targets = grid.train_targets[grid.offsets.unsqueeze(1) + run_positions] * mask.unsqueeze(-1)
+    scale = (n_runs * batch) / (run_counts.to(torch.float32) * accumulate)
     weights = (grid.class_weights * scale.unsqueeze(1)).unsqueeze(1).expand(-1, batch, -1)
     n_classes = logits.shape[-1]
     return soft_cross_entropy(logits.reshape(-1, n_classes), targets.reshape(-1, n_classes), weights.reshape(-1, n_classes))
 
 
 # --- evaluation ---------------------------------------------------------------------------------
+
+
+EVAL_CHUNK = 256  # clips gathered at a time when evaluating: a few tens of MB, not a copy of the split
 
 
 @dataclass
@@ -74,8 +87,10 @@ def evaluate_split(head, grid: Grid, split: str) -> Evaluation:
             runs = [r for r, run in enumerate(grid.runs) if run.fold == fold]
             if not runs:
                 continue
-            means = grid.features[torch.from_numpy(data.rows[split]).to(grid.features.device)]
-            logits = head.run_logits(torch.tensor(runs, device=means.device), means)
+            rows = torch.from_numpy(data.rows[split]).to(grid.features.device)
+            index = torch.tensor(runs, device=rows.device)
+            chunks = rows.split(EVAL_CHUNK)
+            logits = torch.cat([head.run_logits(index, grid.features.index_select(1, chunk)) for chunk in chunks], dim=1)
             for i, r in enumerate(runs):
                 out[r] = logits[i].double().cpu()  # as the expert: float32 logits, scored in float64
     return Evaluation(split, out)
@@ -130,35 +145,51 @@ def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: boo
     from s3prl_stimulus.progress import track
 
     runner = config["runner"]
-    total, accumulate, eval_step = runner["total_steps"], runner["gradient_accumulate_steps"], runner["eval_step"]
+    total, eval_step = runner["total_steps"], runner["eval_step"]
     select_by = config["downstream_expert"]["evalrc"]["select_by"]
     optimizer, scheduler = build_optimizer(head, config, total)
     plan = BatchPlan(grid, int(config["downstream_expert"]["datarc"]["train_batch_size"]))
     best = copy.deepcopy(head)
     result = TrainResult([0] * len(grid.runs), best, [], [math.inf] * len(grid.runs), [-math.inf] * len(grid.runs))
-    device = grid.features.device
     start = state.restore(grid.runs, head, optimizer, scheduler, plan, result) if state else 0
+    use_fused_step(optimizer)  # a restored state brings back its saved optimizer settings
     head.train()
     desc = f"sweep {len(grid.runs)} runs" + (f" (resumed after step {start})" if start else "")
     for step in track(range(start + 1, total + 1), total, desc, "step", progress, initial=start):
-        for _ in range(accumulate):
-            positions, counts = plan.next()
-            positions, counts = torch.from_numpy(positions).to(device), torch.from_numpy(counts).to(device)
-            batched_loss(head, grid, positions, counts, accumulate).backward()
-        norms = head.clip_gradients(float(runner["gradient_clipping"]))
-        if torch.isnan(norms).any():
-            bad = grid.runs[int(torch.nonzero(torch.isnan(norms))[0])]
-            raise StimulusError(f"run {bad.name}: gradient norm is NaN at step {step} (S3PRL would skip that step, which "
-                                f"stacked runs cannot): check the cache for non-finite features, or {S3PRL_PATH}")
-        optimizer.step()
-        optimizer.zero_grad()
-        if scheduler:
-            scheduler.step()
+        training_step(head, grid, plan, optimizer, scheduler, runner, step)
         if step % eval_step == 0:
             _evaluate_step(head, grid, step, select_by, result, keep_steps)
             if state:
                 state.save(step, grid.runs, head, optimizer, scheduler, plan, result)
     return result
+
+
+def training_step(head, grid: Grid, plan: BatchPlan, optimizer, scheduler, runner: dict, step: int):
+    """One runner step for every run: accumulated batches, per-run clipping, optimizer and scheduler steps.
+
+    Returns the summed loss of the step's batches (detached), for tests and logs.
+    """
+    import torch
+
+    accumulate = runner["gradient_accumulate_steps"]
+    device = grid.features.device
+    total = 0.0
+    for _ in range(accumulate):
+        positions, counts = plan.next()
+        positions, counts = torch.from_numpy(positions).to(device), torch.from_numpy(counts).to(device)
+        loss = batched_loss(head, grid, positions, counts, accumulate)
+        loss.backward()
+        total = total + loss.detach()
+    norms = head.clip_gradients(float(runner["gradient_clipping"]))
+    if torch.isnan(norms).any():
+        bad = grid.runs[int(torch.nonzero(torch.isnan(norms))[0])]
+        raise StimulusError(f"run {bad.name}: gradient norm is NaN at step {step} (S3PRL would skip that step, which "
+                            f"stacked runs cannot): check the cache for non-finite features, or {S3PRL_PATH}")
+    optimizer.step()
+    optimizer.zero_grad()
+    if scheduler:
+        scheduler.step()
+    return total
 
 
 def _evaluate_step(head, grid, step, select_by, result: TrainResult, keep_steps: bool) -> None:

@@ -23,9 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="also store the layer-normalised means the featurizer's normalize option needs")
     parser.add_argument("--name", help="directory name for this upstream under --out (default: the -u name)")
     parser.add_argument("--normalisation", choices=("train_mean_std", "none"), default="train_mean_std",
-                        help="waveform normalisation as datarc.normalisation (default train_mean_std: one cache per fold)")
+                        help="waveform normalisation as datarc.normalisation (default train_mean_std: the folds' training "
+                             "statistics; one cache per fold unless the upstream is invariant to them, see --per-fold)")
     parser.add_argument("--folds", nargs="+", default=list(FOLDS), metavar="K",
                         help="folds whose training mean/std to normalise with (default: 1 2 3 4 5)")
+    parser.add_argument("--per-fold", action="store_true",
+                        help="one cache per fold even when the upstream is measured to be invariant to the fold "
+                             "normalisation (default: test it on a sample of clips and, if it holds, encode once "
+                             "for every fold)")
     parser.add_argument("--clips", default="all", metavar="all|present|FILE",
                         help="clips to encode, as datarc.clips (default all: every CREMA-D clip must be present)")
     parser.add_argument("--max-seconds", default="config", metavar="S",
@@ -49,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     written = extract(args.corpus, args.out, spec, normalisation=args.normalisation, folds=args.folds, clips=args.clips,
                       device=args.device, dtype=args.dtype, feature_normalize=args.upstream_feature_normalize,
                       max_seconds=max_seconds, name=args.name,
-                      chunk_clips=args.chunk_clips, batch_clips=args.batch_clips, progress=not args.no_progress)
+                      chunk_clips=args.chunk_clips, batch_clips=args.batch_clips, progress=not args.no_progress,
+                      per_fold=args.per_fold)
     for path in written:
         print(describe_cache(path))
     return 0

@@ -1,0 +1,183 @@
+"""The paper-size sweep on CPU: the per-run step (before issue 13) vs the grouped step, side by side.
+
+Random features of the real shape (one Large upstream: 25 hidden states x 1024, all 7,442 clips, one
+table serving the five folds), the real folds, votes and class weights, the paper's 20 runs (4 train
+stimuli x 5 folds, seed 1337), batch 32, AdamW lr 1e-4, clipping 1. Each formulation trains
+``--steps`` steps after ``--warmup`` and evaluates dev + test ``--evals`` times; the totals are
+projected to the paper's 15,510 steps and 110 evaluations. The per-run formulation is the
+reference kept in ``tests/reference_sweep_step.py`` (every run gathers its own ``[B, L, D]`` batch,
+einsum pooling, projector then output layer, S3PRL's unfused AdamW).
+
+Target (issue 13): grouped step's projected total <= 5 min on the 2-core CPU, peak memory <= 2x
+the feature table.
+
+Usage::
+
+    python benchmarks/bench_sweep_step.py                  # 200 steps + 2 evaluations of each
+    python benchmarks/bench_sweep_step.py --steps 500 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the reference formulation lives with the tests, not in the package
+
+PAPER_STEPS, PAPER_EVAL_STEP = 15510, 141
+STIMULI, FOLDS, SEED = ("voice", "face", "av", "all"), (1, 2, 3, 4, 5), 1337
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200, help="timed training steps of each formulation")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before")
+    parser.add_argument("--evals", type=int, default=2, help="timed dev+test evaluations of each formulation")
+    parser.add_argument("--hidden", type=int, default=25)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. the cores)")
+    parser.add_argument("--json", help="also write the measurements here")
+    return parser.parse_args()
+
+
+def random_cache(n_hidden: int, dim: int):
+    """An in-memory cache of random means over every CREMA-D clip (normalisation none: serves every fold)."""
+    import numpy as np
+
+    from s3prl_stimulus.cache.store import FeatureCache
+    from s3prl_stimulus.partition import load_partition
+
+    clips = np.asarray(sorted(load_partition().index))
+    rng = np.random.default_rng(0)
+    means = rng.standard_normal((n_hidden, len(clips), dim), dtype=np.float32).transpose(1, 0, 2)  # as load_cache
+    manifest = {"normalisation": {"kind": "none"}, "samples": [80000] * len(clips), "max_samples": None,
+                "upstream": {"name": "random-large", "n_hidden": n_hidden, "dim": dim, "weighted_sum": True}}
+    return FeatureCache(Path("random-large"), manifest, clips, np.full(len(clips), 250), means, None)
+
+
+def build(n_hidden: int, dim: int):
+    import torch
+
+    from s3prl_stimulus import CLASSES
+    from s3prl_stimulus.cache.grid import make_runs, prepare_grid
+    from s3prl_stimulus.cache.head import initial_head_state, load_run_state, make_batched_head
+    from s3prl_stimulus.cache.sweep_config import load_config
+
+    config = load_config()
+    datarc = dict(config["downstream_expert"]["datarc"], max_seconds=None)
+    cache = random_cache(n_hidden, dim)
+    runs = make_runs(STIMULI, FOLDS, [SEED])
+    grid = prepare_grid({k: cache for k in FOLDS}, runs, datarc, STIMULI, False, torch.device("cpu"))
+    head = make_batched_head(len(runs), n_hidden, True, dim, 256, len(CLASSES))
+    initial = initial_head_state(SEED, dim, config["downstream_expert"]["modelrc"])
+    for r in range(len(runs)):
+        load_run_state(head, r, {"weights": torch.zeros(n_hidden)}, initial)
+    return config, grid, head, cache.means.nbytes
+
+
+def time_steps(step, n: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - started) / n
+
+
+def time_evals(evaluate, n: int) -> float:
+    started = time.perf_counter()
+    for _ in range(n):
+        evaluate("dev")
+        evaluate("test")
+    return (time.perf_counter() - started) / n
+
+
+def measure(config, grid, head, args) -> dict:
+    import copy
+    import dataclasses
+
+    import torch
+
+    import reference_sweep_step as reference
+    from s3prl_stimulus.cache import training
+    from s3prl_stimulus.cache.grid import BatchPlan
+    from s3prl_stimulus.cache.head import build_optimizer
+
+    runner, batch = config["runner"], int(config["downstream_expert"]["datarc"]["train_batch_size"])
+    old_head, new_head = copy.deepcopy(head), copy.deepcopy(head)
+    new_opt, scheduler = build_optimizer(new_head, config, PAPER_STEPS)
+    new_plan = BatchPlan(grid, batch)
+    new_step = time_steps(lambda: training.training_step(new_head, grid, new_plan, new_opt, scheduler, runner, 0),
+                          args.steps, args.warmup)
+    new_eval = time_evals(lambda split: training.evaluate_split(new_head, grid, split), args.evals)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the reference's clip-major copy
+    # the reference reads the table clip-major and contiguous, as the grid stored it before
+    old_grid = dataclasses.replace(grid, features=grid.features.transpose(0, 1).contiguous().transpose(0, 1))
+    old_opt = reference.optimizer(old_head, config, PAPER_STEPS)
+    old_plan = reference.PerRunPlan(old_grid, batch)
+    old_step = time_steps(lambda: reference.training_step(old_head, old_grid, old_plan, old_opt, runner), args.steps,
+                          args.warmup)
+    old_eval = time_evals(lambda split: reference.evaluate(old_head, old_grid, split), args.evals)
+    with torch.no_grad():
+        drift = max(float((a - b).abs().max()) for a, b in zip(old_head.parameters(), new_head.parameters()))
+    total = args.warmup + args.steps
+    evaluations = PAPER_STEPS // PAPER_EVAL_STEP
+    old_total = PAPER_STEPS * old_step + evaluations * old_eval
+    new_total = PAPER_STEPS * new_step + evaluations * new_eval
+    return {"steps_timed": args.steps, "steps_trained": total, "old_step_s": old_step, "new_step_s": new_step,
+            "old_eval_s": old_eval, "new_eval_s": new_eval, "old_total_s": old_total, "new_total_s": new_total,
+            "max_parameter_difference": drift, "evaluations": evaluations, "peak_bytes": peak}
+
+
+def main() -> int:
+    import os
+
+    import torch
+
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import reference_sweep_step  # noqa: F401  (imports S3PRL's optimizers: part of the baseline)
+    from s3prl_stimulus.cache import training  # noqa: F401
+    from s3prl_stimulus.labels import load_votes
+
+    load_votes("paper")
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter, torch, pandas, S3PRL
+    config, grid, head, table_bytes = build(args.hidden, args.dim)
+    m = measure(config, grid, head, args)
+    peak = m["peak_bytes"]
+    load = os.getloadavg()
+    rows = [
+        ("runs / features / clips", f"{len(grid.runs)} / {args.hidden} x {args.dim} / {grid.features.shape[1]}"),
+        ("step, per-run gathers (before) / grouped (now)",
+         f"{m['old_step_s'] * 1e3:.1f} ms / {m['new_step_s'] * 1e3:.1f} ms ({1 / m['old_step_s']:.1f} / {1 / m['new_step_s']:.1f} steps/s)"),
+        ("step speed-up", f"{m['old_step_s'] / m['new_step_s']:.1f}x"),
+        ("dev+test evaluation, before / now", f"{m['old_eval_s']:.2f} s / {m['new_eval_s']:.2f} s"),
+        (f"projected {PAPER_STEPS} steps + {m['evaluations']} evaluations, before", f"{m['old_total_s'] / 60:.1f} min"),
+        (f"projected {PAPER_STEPS} steps + {m['evaluations']} evaluations, now (target <= 5 min)", f"{m['new_total_s'] / 60:.1f} min"),
+        ("total speed-up", f"{m['old_total_s'] / m['new_total_s']:.1f}x"),
+        (f"max parameter difference after {m['steps_trained']} steps of both", f"{m['max_parameter_difference']:.1e}"),
+        ("peak memory of the grouped sweep / feature table (target <= 2x)", f"{peak / 2**30:.2f} GiB / {table_bytes / 2**30:.2f} GiB = "
+                                                       f"{peak / table_bytes:.2f}x"),
+        ("  the same without the interpreter's baseline (imports, votes)",
+         f"{(peak - baseline) / 2**30:.2f} GiB = {(peak - baseline) / table_bytes:.2f}x (baseline {baseline / 2**30:.2f} GiB)"),
+    ]
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+            "load_average_1_5_15": [round(x, 2) for x in load]}
+    width = max(len(k) for k, _ in rows)
+    print(f"bench_sweep_step ({info})")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**m, "table_bytes": table_bytes, "baseline_bytes": baseline, **info},
+                                              indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
