@@ -93,7 +93,9 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
         def forward(self, pooled):
             """Logits ``[R, B, C]`` of pooled features ``[R, B, D]``: Linear(mean) = mean(Linear) — linear after pooling."""
             weight, bias = self.output_map()
-            return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
+            # [R, C, B] then transposed: autograd's gradient of the folded weight comes out [R, C, D], contiguous,
+            # and the projector's gradient is then one contiguous product (a strided one costs ~3x on CPU)
+            return torch.baddbmm(bias.unsqueeze(2), weight, pooled.transpose(1, 2)).transpose(1, 2)
 
         def run_logits(self, runs, means):
             """Logits of ``runs`` (indices) on shared clips ``means [L, N, D]`` (layer-major) → ``[len(runs), N, C]``."""
