@@ -33,8 +33,21 @@ def results_name(split: str, tag: str) -> str:
     return f"results-{split}-{tag}.json"
 
 
+def layer_weights_name(tag: str) -> str:
+    """``layer_weights.json`` for dev-best (what the report's Fig. 2 reads), a tagged name for other checkpoints."""
+    return "layer_weights.json" if tag == FINAL_TAG else f"layer_weights-{tag}.json"
+
+
 FINAL_RESULTS = results_name("test", FINAL_TAG)
 FINAL_PREDICTIONS = predictions_name("test", FINAL_TAG)
+FINAL_LAYER_WEIGHTS = layer_weights_name(FINAL_TAG)
+
+
+def write_layer_weights(expdir: str | Path, tag: str, metadata: dict, weights: list) -> None:
+    """The softmax of a checkpoint's featurizer weights with the run's metadata (upstream, fold, train stimulus,
+    checkpoint, step), written atomically; both training paths call it."""
+    keys = ("upstream", "fold", "train_stimulus", "checkpoint", "step")
+    write_json_atomic(Path(expdir) / layer_weights_name(tag), {k: metadata[k] for k in keys} | {"weights": weights})
 
 
 def write_evaluation(expdir: str | Path, split: str, tag: str, frame: pd.DataFrame, result: dict) -> None:

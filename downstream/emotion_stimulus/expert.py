@@ -33,13 +33,12 @@ from s3prl_stimulus import CLASSES
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.integration.identity import (EXTRA_STATE_KEY, UpstreamIdentity, checkpoint_state, runner_upstream,
                                                  verify_checkpoint, weights_sha256)
-from s3prl_stimulus.io import write_json_atomic
 from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, soft_cross_entropy
 from s3prl_stimulus.metrics import binarize, macro_f1
 from s3prl_stimulus.seeds import restore_rng_states, rng_states
 
 from s3prl_stimulus.labels import FoldLabels
-from s3prl_stimulus.results import FINAL_TAG, coverage, predictions_frame, score_stimuli, write_evaluation
+from s3prl_stimulus.results import coverage, predictions_frame, score_stimuli, write_evaluation, write_layer_weights
 
 from .dataset import (
     NOTE, SPLITS, ClipDataset, DataConfig, ResumePoint, batches_per_epoch, check_audio, fold_clips, make_loader,
@@ -258,10 +257,7 @@ class DownstreamExpert(nn.Module):
         weights = None if self.checkpoint is None else self.checkpoint["layer_weights"]
         if weights is None:
             return  # one hidden state (e.g. fbank): no weighted sum to report
-        keys = ("upstream", "fold", "train_stimulus", "checkpoint")
-        record = {k: v for k, v in self._metadata("test", step).items() if k in keys} | {"step": step, "weights": weights}
-        name = "layer_weights.json" if tag == FINAL_TAG else f"layer_weights-{tag}.json"
-        write_json_atomic(self.expdir / name, record)
+        write_layer_weights(self.expdir, tag, self._metadata("test", step) | {"step": step}, weights)
 
 
 def _tolerate_missing_extra_state(state_dict, prefix, *args) -> None:

@@ -120,15 +120,15 @@ def write_checkpoint(context: SweepContext, grid: Grid, best_state, r: int, step
 def write_layer_weights(context: SweepContext, grid: Grid, best_state, r: int, step: int, checkpoint: str) -> None:
     import torch
 
-    from s3prl_stimulus.io import write_json_atomic
+    from s3prl_stimulus.results import FINAL_TAG, write_layer_weights
 
     if not best_state.weighted:
         return  # one hidden state (e.g. fbank): no weighted sum
     run = grid.runs[r]
     weights = torch.softmax(best_state.featurizer_weights[r].detach().cpu().double(), dim=-1).tolist()
-    record = {"upstream": context.manifest["upstream"]["name"], "fold": run.fold, "train_stimulus": run.train_stimulus,
-              "checkpoint": checkpoint, "step": step, "weights": weights}
-    write_json_atomic(run_dir(context, run) / "layer_weights.json", record)
+    metadata = {"upstream": context.manifest["upstream"]["name"], "fold": run.fold, "train_stimulus": run.train_stimulus,
+                "checkpoint": checkpoint, "step": step}
+    write_layer_weights(run_dir(context, run), FINAL_TAG, metadata, weights)
 
 
 def write_run_outputs(context: SweepContext, grid: Grid, result: TrainResult) -> list[dict]:

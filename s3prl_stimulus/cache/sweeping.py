@@ -274,15 +274,11 @@ def _write_evaluated_layer_weights(out: Path, saved: dict, result: dict, tag: st
     """As the S3PRL path's ``-m evaluate``: the checkpoint's layer weights, ``layer_weights.json`` for dev-best
     (the report's Fig. 2 reads it beside the results)."""
     from s3prl_stimulus.downstream.emotion_stimulus.model import layer_weights
-    from s3prl_stimulus.io import write_json_atomic
-    from s3prl_stimulus.results import FINAL_TAG
+    from s3prl_stimulus.results import write_layer_weights
 
     weights = layer_weights(saved)
-    if weights is None:
-        return
-    keys = ("upstream", "fold", "train_stimulus", "checkpoint", "step")
-    name = "layer_weights.json" if tag == FINAL_TAG else f"layer_weights-{tag}.json"
-    write_json_atomic(out / name, {k: result[k] for k in keys} | {"weights": weights})
+    if weights is not None:
+        write_layer_weights(out, tag, result, weights)
 
 
 def _config_stimuli(datarc: dict) -> list:

@@ -32,9 +32,9 @@ from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.metrics import binarize, macro_f1
 from s3prl_stimulus.partition import FOLDS, split_clips
 from s3prl_stimulus.results import FINAL_PREDICTIONS as PREDICTIONS_FILE, FINAL_RESULTS as RESULTS_FILE
-from s3prl_stimulus.results import checked_probabilities
+from s3prl_stimulus.results import FINAL_LAYER_WEIGHTS, checked_probabilities
 
-LAYER_WEIGHTS_FILE = "layer_weights.json"
+LAYER_WEIGHTS_FILE = FINAL_LAYER_WEIGHTS
 SCHEMA = 1
 REQUIRED_KEYS = ("schema", "path", "upstream", "fold", "train_stimulus", "votes", "seed", "split", "n_clips")
 STORED_F1_TOLERANCE = 1e-6
