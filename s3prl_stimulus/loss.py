@@ -59,6 +59,23 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weight
     return per_clip.mean()
 
 
+def soft_cross_entropy_and_gradient(logits: torch.Tensor, targets: torch.Tensor, class_weights) -> tuple:
+    """:func:`soft_cross_entropy` (weighted) and its gradient with respect to ``logits``, in closed form.
+
+    Per clip, d/dz of ``-sum_c t_c log_softmax(z)_c`` is ``softmax(z) * sum_c t_c - t``; the clip's term
+    is scaled by ``s = sum_c w_c t_c`` and the mean divides by the batch size. ``class_weights`` may
+    be ``[C]`` or one row per clip. Used where autograd's bookkeeping would cost more than the loss.
+    """
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise StimulusError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be [batch, classes]")
+    targets = targets.to(logits.dtype)
+    log_probs = F.log_softmax(logits, dim=-1)
+    scale = (targets * torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)).sum(dim=-1)
+    loss = (-(targets * log_probs).sum(dim=-1) * scale).mean()
+    grad = (scale / len(logits)).unsqueeze(-1) * (log_probs.exp() * targets.sum(dim=-1, keepdim=True) - targets)
+    return loss, grad
+
+
 class ClassBalancedSoftCrossEntropy(nn.Module):
     """Soft-target cross-entropy with per-clip class-balanced scaling; weights kept as a buffer.
 

@@ -9,6 +9,8 @@ Nothing here downloads anything. Tests train through S3PRL on
 - :func:`make_corpus`: WAV files named like real CREMA-D clips with their real lengths (from the
   packaged manifest), filled with deterministic noise, so labels come from the packaged votes.
 - :func:`tiny_clip_subset`: a few real clip names covering the splits of a fold (or of every fold).
+- :func:`write_feature_cache`: a complete feature cache of given per-clip means, written by the cache
+  module's own writer (sweep tests and benchmarks without an upstream).
 """
 
 from __future__ import annotations
@@ -289,3 +291,45 @@ __all__ = [
     "make_tiny_wavlm", "make_tiny_hubert", "make_tiny_wav2vec2", "make_corpus", "tiny_clip_subset", "clip_samples",
     "plain_run_downstream_command",
 ]
+
+
+# ---------------------------------------------------------------- feature caches
+
+
+def write_feature_cache(cache_dir, clips: Sequence[str], means: np.ndarray, frames: Sequence[int],
+                        fold: int | Sequence[int] | None = None, ln_means: np.ndarray | None = None,
+                        name: str = "synthetic", chunk_clips: int = 16) -> Path:
+    """A complete cache of ``means [N, L, D]`` (float32, in ``clips`` order) as ``s3prl-stimulus extract`` writes one.
+
+    ``fold``: the cache claims fold ``fold``'s training-clip normalisation (statistics 0 and 1, its training clips'
+    fingerprint); several folds: one cache serving each of them, as when the fold-invariance test holds;
+    ``None``: no normalisation. ``ln_means``: layer-normalised means, for
+    ``--upstream_feature_normalize``. The upstream is named ``name`` with an all-zero weights hash.
+    """
+    from s3prl_stimulus.audio import clips_fingerprint
+    from s3prl_stimulus.cache import extraction, store
+    from s3prl_stimulus.cache.manifest import build_manifest
+    from s3prl_stimulus.cache.normalisation import Normalisation
+    from s3prl_stimulus.partition import split_clips
+
+    cache_dir = Path(cache_dir)
+    position = {clip: i for i, clip in enumerate(clips)}
+    order, lengths = extraction.sorted_by_length({c: clip_samples(c) for c in clips})
+    folds = [] if fold is None else [fold] if isinstance(fold, int) else list(fold)
+    norms = [Normalisation("train_mean_std", k, 0.0, 1.0, clips_fingerprint([c for c in split_clips(k, "train")
+                                                                              if c in position])) for k in folds]
+    upstream = {"name": name, "weights_sha256": "0" * 64, "model_config_sha256": None, "feature_selection": "hidden_states",
+                "layer_selection": None, "n_hidden": means.shape[1], "weighted_sum": True, "dim": means.shape[2],
+                "downsample_rate": 320}
+    manifest = build_manifest(upstream, norms[0] if norms else Normalisation("none"), None, "fp32", ln_means is not None,
+                              order, lengths, chunk_clips=chunk_clips, shared_folds=norms if len(norms) > 1 else None)
+    extraction.prepare_cache_dir(cache_dir, manifest)
+    for i, (a, b) in enumerate(store.chunk_ranges(len(order), chunk_clips)):
+        rows = [position[c] for c in order[a:b]]
+        arrays = {"clips": np.asarray(order[a:b]), "frames": np.asarray([frames[r] for r in rows]),
+                  "means": np.ascontiguousarray(means[rows], dtype=np.float32)}
+        if ln_means is not None:
+            arrays["ln_means"] = np.ascontiguousarray(ln_means[rows], dtype=np.float32)
+        store.write_chunk(store.chunk_path(cache_dir, i), arrays)
+    extraction._finish(cache_dir, manifest)
+    return cache_dir

@@ -17,8 +17,8 @@ from s3prl_stimulus.loss import soft_cross_entropy
 
 
 def clip_major(grid):
-    """The feature table as it was stored then, ``[N, L, D]`` (the grid now keeps it layer-major)."""
-    return grid.features.transpose(0, 1)
+    """The feature table, ``[N, L, D]``, as it was stored then and is again (layer-major in between)."""
+    return grid.features
 
 
 class PerRunPlan:

@@ -43,6 +43,13 @@ def test_run_paper_sh_refuses_bad_numbers_instead_of_running_nothing(tmp_path, o
 # ---- seeds
 
 
+@pytest.mark.parametrize("seconds", ["-1", "nan", "inf"])
+def test_sweep_refuses_a_save_interval_that_is_not_seconds(tmp_path, capsys, seconds):
+    assert main(["sweep", "--cache", str(tmp_path), "--out", str(tmp_path / "out"), "--save-every", seconds]) == 2
+    one_line_error(capsys.readouterr().err, "--save-every")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_sweep_refuses_a_seed_numpy_cannot_take(tmp_path, capsys, seed):
     assert main(["sweep", "--cache", str(tmp_path), "--out", str(tmp_path / "out"), "--seeds", "1", seed]) == 2

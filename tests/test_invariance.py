@@ -150,5 +150,5 @@ def test_a_shared_cache_is_read_once_into_one_table_for_every_fold(corpus, layer
     shared, per_fold = layer_norm_caches
     for caches, n_rows in ((shared, len(clips)), (per_fold, 2 * len(clips))):
         prepared = sweeping.prepare([caches[0].parent], (["voice"], FOLDS, [1]), None, None, None, None, "cpu", False)
-        assert prepared.grid.features.shape[1] == n_rows  # folds served by one cache share its rows
+        assert prepared.grid.features.shape[0] == n_rows  # folds served by one cache share its rows
         assert set(prepared.chosen.values()) == set(caches)

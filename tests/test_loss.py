@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from s3prl_stimulus.errors import StimulusError
-from s3prl_stimulus.loss import ClassBalancedSoftCrossEntropy, class_balanced_weights, soft_cross_entropy
+from s3prl_stimulus.loss import (ClassBalancedSoftCrossEntropy, class_balanced_weights, soft_cross_entropy,
+                                 soft_cross_entropy_and_gradient)
 
 
 def random_labels(n, seed=0, rates=(0.2, 0.15, 0.15, 0.1, 0.4, 0.2)):
@@ -114,3 +115,21 @@ def test_module_holds_weights_as_buffer_and_backpropagates():
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     plain = ClassBalancedSoftCrossEntropy()
     assert plain(logits.detach(), targets.float()).item() == pytest.approx(loop_loss(logits.detach().double(), targets), rel=1e-5)
+
+
+@pytest.mark.parametrize("per_clip_weights", [False, True])
+def test_closed_form_gradient_equals_autograd(per_clip_weights):
+    """The sweep's closed-form loss gradient: autograd's, with padding rows (zero targets) and per-clip weight rows."""
+    rng = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 6, generator=rng, dtype=torch.float64) * 3
+    targets = torch.softmax(torch.randn(40, 6, generator=rng, dtype=torch.float64), -1) * 0.94 + 0.01
+    targets[-5:] = 0  # padding rows of a short batch
+    weights = torch.rand(40, 6, generator=rng, dtype=torch.float64) * 4 if per_clip_weights else torch.rand(6, dtype=torch.float64)
+    leaf = logits.clone().requires_grad_(True)
+    expected = soft_cross_entropy(leaf, targets, weights)
+    expected.backward()
+    loss, grad = soft_cross_entropy_and_gradient(logits, targets, weights)
+    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-14)
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-15)
+    assert float(grad[-5:].abs().max()) == 0.0
+    assert float(grad.abs().max()) > 1e-3

@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from s3prl_stimulus import CLASSES
-from s3prl_stimulus.cache import extraction, store, sweep_outputs, sweeping, training
+from s3prl_stimulus.cache import store, sweep_outputs, sweeping, training
 from s3prl_stimulus.cache.grid import EpochShuffler
 from s3prl_stimulus.cache.head import HEAD_PREFIX, initial_head_state, run_state
-from s3prl_stimulus.cache.manifest import build_manifest
-from s3prl_stimulus.cache.normalisation import Normalisation
 from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.partition import split_clips
 
@@ -37,28 +35,12 @@ OVERRIDE = (f"config.runner.total_steps={STEPS},,config.runner.eval_step={EVAL_S
 
 def write_synthetic_cache(cache_dir: Path, clips: list, fold, hidden: dict, name="synthetic") -> Path:
     """A complete cache of ``hidden[clip]`` ([L, T, D] frames): means, layer-normalised means, frame counts."""
-    from s3prl_stimulus.audio import clips_fingerprint
-    from s3prl_stimulus.partition import split_clips
-    from s3prl_stimulus.testing import clip_samples
+    from s3prl_stimulus.testing import write_feature_cache
 
-    samples = {c: clip_samples(c) for c in clips}
-    order, lengths = extraction.sorted_by_length(samples)
-    train = [c for c in split_clips(fold, "train") if c in samples] if fold else None
-    norm = (Normalisation("train_mean_std", fold, 0.0, 1.0, clips_fingerprint(train)) if fold
-            else Normalisation("none"))
-    upstream = {"name": name, "weights_sha256": "0" * 64, "model_config_sha256": None, "feature_selection": "hidden_states",
-                "layer_selection": None, "n_hidden": L, "weighted_sum": True, "dim": D, "downsample_rate": 320}
-    manifest = build_manifest(upstream, norm, None, "fp32", True, order, lengths, chunk_clips=16)
-    extraction.prepare_cache_dir(cache_dir, manifest)
-    for i, (a, b) in enumerate(store.chunk_ranges(len(order), 16)):
-        frames = [hidden[c] for c in order[a:b]]
-        store.write_chunk(store.chunk_path(cache_dir, i), {
-            "clips": np.asarray(order[a:b]), "frames": np.asarray([f.shape[1] for f in frames]),
-            "means": np.stack([f.mean(dim=1).numpy() for f in frames]),
-            "ln_means": np.stack([F.layer_norm(f, (D,)).mean(dim=1).numpy() for f in frames]),
-        })
-    extraction._finish(cache_dir, manifest)
-    return cache_dir
+    frames = [hidden[c] for c in clips]
+    return write_feature_cache(cache_dir, clips, np.stack([f.mean(dim=1).numpy() for f in frames]),
+                               [f.shape[1] for f in frames], fold,
+                               np.stack([F.layer_norm(f, (D,)).mean(dim=1).numpy() for f in frames]), name)
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +275,8 @@ def test_a_killed_sweep_resumes_to_the_outputs_of_an_uninterrupted_one(grid_data
     from s3prl_stimulus.cache import resume
 
     root, _, _ = grid_data
-    grid = dict(train_stimuli=["voice", "av"], folds=[1, 2], seeds=[5], override=OVERRIDE, device="cpu", progress=False)
+    grid = dict(train_stimuli=["voice", "av"], folds=[1, 2], seeds=[5], override=OVERRIDE, device="cpu", progress=False,
+                save_every=0)  # save at every evaluation step
     sweeping.sweep([root / "caches"], tmp_path / "whole", **grid)
     real_save, saved_steps = resume.TrainingState.save, []
 
@@ -364,6 +347,25 @@ def test_a_saved_state_of_other_settings_is_not_resumed(grid_data, tmp_path, mon
     assert "not resuming" in capsys.readouterr().out and not (tmp_path / "synthetic" / resume.STATE_FILE).exists()
     sweeping.sweep([root / "caches"], tmp_path / "fresh", override=other, **grid)
     assert_same_outputs(tmp_path / "synthetic" / "av", tmp_path / "fresh" / "synthetic" / "av")
+
+
+@pytest.mark.parametrize("save_every, expected", [(3600.0, [EVAL_STEP]), (0.0, list(range(EVAL_STEP, STEPS + 1, EVAL_STEP)))])
+def test_the_state_is_saved_at_the_first_evaluation_then_once_per_interval(grid_data, tmp_path, monkeypatch, save_every,
+                                                                           expected):
+    from s3prl_stimulus.cache import resume
+
+    root, _, _ = grid_data
+    real_save, saved_steps = resume.TrainingState.save, []
+
+    def recorded(self, step, *args):
+        saved_steps.append(step)
+        real_save(self, step, *args)
+
+    monkeypatch.setattr(resume.TrainingState, "save", recorded)
+    sweeping.sweep([root / "caches"], tmp_path, train_stimuli=["voice"], folds=[1], seeds=[5], override=OVERRIDE,
+                   device="cpu", progress=False, save_every=save_every)
+    assert saved_steps == expected and len(expected) >= 1 + (save_every == 0)
+    assert not (tmp_path / "synthetic" / resume.STATE_FILE).exists()  # removed once the outputs are written
 
 
 def test_sigkill_at_two_points_then_the_same_command_gives_the_uninterrupted_outputs(grid_data, tmp_path):

@@ -16,6 +16,7 @@ import reference_sweep_step as reference
 from s3prl_stimulus.cache import sweeping, training
 from s3prl_stimulus.cache.grid import BatchPlan, Run, prepare_grid
 from s3prl_stimulus.cache.head import build_optimizer, make_batched_head
+from s3prl_stimulus.cache.step import GroupedStep
 from s3prl_stimulus.cache.store import load_cache
 from test_sweep import D, L, OVERRIDE, grid_data  # noqa: F401  (the synthetic caches fixture)
 
@@ -33,9 +34,10 @@ def side_by_side(prepared, head, accumulate: int):
     twin_optimizer = reference.optimizer(twin, prepared.config, STEPS)
     batch = int(prepared.datarc["train_batch_size"])
     plan, twin_plan = BatchPlan(prepared.grid, batch), reference.PerRunPlan(prepared.grid, batch)
+    grouped = GroupedStep(head, prepared.grid, batch)
     losses, twin_losses = [], []
     for step in range(1, STEPS + 1):
-        losses.append(float(training.training_step(head, prepared.grid, plan, optimizer, scheduler, runner, step)))
+        losses.append(float(training.training_step(grouped, plan, optimizer, scheduler, runner, step)))
         twin_losses.append(float(reference.training_step(twin, prepared.grid, twin_plan, twin_optimizer, runner)))
     return losses, twin_losses, twin
 
@@ -54,12 +56,22 @@ def assert_same_training(prepared, head, twin, losses, twin_losses):
             torch.testing.assert_close(new[r], old[r], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_the_grouped_step_trains_every_run_as_the_per_run_formulation(grid_data, accumulate):  # noqa: F811
+def three_stimuli_grid(grid_data, randomise: bool = False):
+    """Voice, face and all x folds 1-2 x seeds 1-2 (4 groups of 3 runs); ``randomise``: head parameters ~ N(0, 0.3)."""
     root, _, _ = grid_data
     prepared = sweeping.prepare([root / "caches"], (["voice", "face", "all"], [1, 2], [1, 2]), None, OVERRIDE, None,
                                 None, "cpu", False)
     sweeping.initialise(prepared, None)
+    if randomise:
+        with torch.no_grad():
+            for p in prepared.head.parameters():
+                p.normal_(0, 0.3)
+    return prepared
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_grouped_step_trains_every_run_as_the_per_run_formulation(grid_data, accumulate):  # noqa: F811
+    prepared = three_stimuli_grid(grid_data)
     assert len(prepared.grid.groups) == 4 and all(len(g.runs) == 3 for g in prepared.grid.groups)
     start = copy.deepcopy(prepared.head)
     losses, twin_losses, twin = side_by_side(prepared, prepared.head, accumulate)
@@ -94,3 +106,32 @@ def test_the_optimizer_steps_with_the_fused_kernel(grid_data):  # noqa: F811
     optimizer, _ = build_optimizer(prepared.head, prepared.config, STEPS)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert all(group["fused"] for group in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradient_norms_from_gram_matrices_equal_the_gradients_norms(grid_data, accumulate):  # noqa: F811
+    """``GroupedStep.gradient_norms`` (no pass over the projector's gradient) equals the norms of the gradients."""
+    prepared = three_stimuli_grid(grid_data, randomise=True)
+    head, grid = prepared.head, prepared.grid
+    batch = int(prepared.datarc["train_batch_size"])
+    plan, grouped = BatchPlan(grid, batch), GroupedStep(head, grid, batch)
+    for _ in range(accumulate):
+        positions, counts = plan.next()
+        grouped.loss_and_gradients(torch.from_numpy(positions), torch.from_numpy(counts), accumulate)
+    norms = grouped.gradient_norms()
+    expected = head.per_run_grad_norms()
+    assert float(expected.min()) > 1e-2
+    torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
+
+
+def test_both_splits_in_one_pass_equal_each_split_alone(grid_data):  # noqa: F811
+    prepared = three_stimuli_grid(grid_data, randomise=True)
+    both = training.evaluate_splits(prepared.head, prepared.grid, ("dev", "test"))
+    for split in ("dev", "test"):
+        alone = training.evaluate_split(prepared.head, prepared.grid, split).logits
+        reference_logits = reference.evaluate(prepared.head, prepared.grid, split)
+        assert set(both[split].logits) == set(alone) == set(range(len(prepared.runs)))
+        for r, logits in alone.items():
+            assert logits.shape == (len(prepared.grid.folds[prepared.runs[r].fold].clips[split]), 6)
+            torch.testing.assert_close(both[split].logits[r], logits, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(logits, reference_logits[r], rtol=1e-5, atol=1e-5)

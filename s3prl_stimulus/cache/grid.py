@@ -201,7 +201,7 @@ class Grid:
 
     runs: list
     folds: dict  # fold -> FoldData
-    features: object  # torch [L, N_all, D], layer-major (see layer_major_table); folds served by one cache share rows
+    features: object  # torch [N_all, L, D] (see feature_table); folds served by one cache share rows
     train_rows: object  # torch [sum n_r] rows into features, run after run
     train_targets: object  # torch [sum n_r, C] float32 soft targets of each run's train stimulus
     offsets: object  # torch [R] start of each run's block in train_rows
@@ -239,7 +239,7 @@ def prepare_grid(caches: dict, runs: list, datarc: dict, test_stimuli: Sequence[
             binary = labels.binary_labels(stimulus, clips["train"])
             data.class_weights[stimulus] = ClassBalancedSoftCrossEntropy.from_labels(binary).class_weights
         folds[fold] = data
-    features = layer_major_table(blocks, device)
+    features = feature_table(blocks, device)
     train_rows, train_targets, offsets, sizes = [], [], [], []
     for run in runs:
         data = folds[run.fold]
@@ -255,25 +255,17 @@ def prepare_grid(caches: dict, runs: list, datarc: dict, test_stimuli: Sequence[
     return grid
 
 
-def layer_major_table(blocks: list, device):
-    """The caches' means ``[N, L, D]`` stacked into one layer-major table ``[L, N_all, D]`` on the device.
+def feature_table(blocks: list, device):
+    """The caches' means ``[N, L, D]`` stacked into one clip-major table ``[N_all, L, D]`` on the device.
 
-    Layer-major, a batch's layers are each one ``[B, D]`` block side by side, so a run's weighted sum
-    over them is one matrix product ``[L] x [L, B*D]`` and runs sharing a batch share one gather. Built
-    without a copy from one cache read by :func:`s3prl_stimulus.cache.store.load_cache` (already
-    layer-major), else with one copy, as the clip-major concatenation was.
+    Clip-major, a clip's hidden states are one contiguous block, so gathering a batch copies B blocks of
+    ``L*D`` values (not ``L*B`` rows of D), and a single cache becomes the table without a copy.
     """
     import torch
 
-    if len(blocks) == 1 and blocks[0].transpose(1, 0, 2).flags.c_contiguous:  # read layer-major: no copy
-        return torch.from_numpy(blocks[0].transpose(1, 0, 2)).to(device)
-    n_layers, dim = blocks[0].shape[1:]
-    table = torch.empty((n_layers, sum(len(b) for b in blocks), dim), dtype=torch.float32, device=device)
-    start = 0
-    for block in blocks:
-        table[:, start:start + len(block)].copy_(torch.from_numpy(block).transpose(0, 1))
-        start += len(block)
-    return table
+    if len(blocks) == 1:
+        return torch.from_numpy(np.ascontiguousarray(blocks[0])).to(device)
+    return torch.from_numpy(np.concatenate(blocks)).to(device)
 
 
 def _add_batch_groups(grid: Grid, device) -> None:

@@ -47,42 +47,20 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             return torch.softmax(weights, dim=-1)
 
         def pooled(self, runs, means):
-            """The weighted sum of ``runs`` over shared clips ``means [L, N, D]`` (layer-major) → ``[len(runs), N, D]``.
+            """The weighted sum of ``runs`` over shared clips ``means [N, L, D]`` → ``[len(runs), N, D]``.
 
-            Layer-major clips make it one ``[R', L] x [L, N*D]`` matrix product, reading each clip once for
-            every run that shares it (the clips' rows may be strided: no copy).
+            One small product per clip, ``[R', L] x [L, D]``, every run at once: each clip is read once.
             """
-            n_layers, n_clips, dim = means.shape
             if not self.weighted:
-                return means[0].unsqueeze(0).expand(len(runs), -1, -1)
-            if means.stride(2) != 1 or means.stride(1) != dim:
-                means = means.contiguous()
-            flat = means.as_strided((n_layers, n_clips * dim), (means.stride(0), 1))
-            return torch.mm(self.layer_weights(runs), flat).view(len(runs), n_clips, dim)
-
-        def grouped_pooled(self, means, members, run_slot):
-            """Every run's weighted sum ``[R, B, D]`` from the groups' batches ``means [L, G*B, D]`` (layer-major).
-
-            ``members[g]``: the runs sharing group g's batch (clips ``g*B`` to ``(g+1)*B``); ``run_slot [R]``:
-            where each run lands in the groups' concatenated outputs.
-            """
-            n_layers, n_clips, dim = means.shape
-            batch = n_clips // len(members)
-            if self.weighted and len({len(runs) for runs in members}) == 1:  # equal groups: one batched product
-                runs = torch.cat(list(members))
-                weights = self.layer_weights(runs).view(len(members), -1, n_layers)
-                blocks = means.reshape(n_layers, len(members), batch * dim).transpose(0, 1)
-                return torch.bmm(weights, blocks).view(len(runs), batch, dim).index_select(0, run_slot)
-            parts = [self.pooled(runs, means[:, g * batch:(g + 1) * batch]) for g, runs in enumerate(members)]
-            return torch.cat(parts).index_select(0, run_slot)
+                return means[:, 0].unsqueeze(0).expand(len(runs), -1, -1)
+            return torch.matmul(self.layer_weights(runs), means).transpose(0, 1)
 
         def output_map(self, runs=None):
             """Projector and output layer folded into one affine map per run: ``[R', C, D]`` and ``[R', C]``.
 
             The head is linear after pooling: ``Lw (W x + b) + c = (Lw W) x + (Lw b + c)``. Folding costs
-            one ``[C, P] x [P, D]`` product per run per step instead of a ``[P, D]`` product per clip, and
-            autograd's gradients of ``W``, ``b``, ``Lw``, ``c`` are those of the unfolded head (up to float
-            rounding).
+            one ``[C, P] x [P, D]`` product per run per step instead of a ``[P, D]`` product per clip;
+            :mod:`s3prl_stimulus.cache.step` writes out the gradients of ``W``, ``b``, ``Lw``, ``c`` through it.
             """
             select = (lambda t: t) if runs is None else (lambda t: t[runs])
             linear_weight, linear_bias = select(self.linear_weight), select(self.linear_bias)
@@ -90,27 +68,25 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             bias = torch.baddbmm(linear_bias.unsqueeze(2), linear_weight, select(self.projector_bias).unsqueeze(2))
             return weight, bias.squeeze(2)
 
-        def forward(self, pooled):
-            """Logits ``[R, B, C]`` of pooled features ``[R, B, D]``: Linear(mean) = mean(Linear) — linear after pooling."""
-            weight, bias = self.output_map()
-            # [R, C, B] then transposed: autograd's gradient of the folded weight comes out [R, C, D], contiguous,
-            # and the projector's gradient is then one contiguous product (a strided one costs ~3x on CPU)
-            return torch.baddbmm(bias.unsqueeze(2), weight, pooled.transpose(1, 2)).transpose(1, 2)
+        def run_logits(self, runs, means, output_map=None):
+            """Logits of ``runs`` (indices) on shared clips ``means [N, L, D]`` → ``[len(runs), N, C]``.
 
-        def run_logits(self, runs, means):
-            """Logits of ``runs`` (indices) on shared clips ``means [L, N, D]`` (layer-major) → ``[len(runs), N, C]``."""
-            weight, bias = self.output_map(runs)
-            pooled = self.pooled(runs, means)
-            return torch.baddbmm(bias.unsqueeze(1), pooled, weight.transpose(1, 2))
+            ``output_map``: every run's :meth:`output_map`, when the caller scores many chunks with one.
+            """
+            weight, bias = self.output_map(runs) if output_map is None else (t[runs] for t in output_map)
+            return torch.baddbmm(bias.unsqueeze(1), self.pooled(runs, means), weight.transpose(1, 2))
 
         def per_run_grad_norms(self):
             """Per run, ``clip_grad_norm_``'s total norm: the 2-norm of the per-tensor 2-norms of its gradients."""
             norms = [p.grad.flatten(1).norm(dim=1) for p in self.parameters() if p.grad is not None]
             return torch.stack(norms, dim=1).norm(dim=1)
 
-        def clip_gradients(self, max_norm: float):
-            """``torch.nn.utils.clip_grad_norm_`` applied to each run's slices separately."""
-            total = self.per_run_grad_norms()
+        def clip_gradients(self, max_norm: float, total=None):
+            """``torch.nn.utils.clip_grad_norm_`` applied to each run's slices separately.
+
+            ``total``: the per-run norms when the caller has them (default: :meth:`per_run_grad_norms`).
+            """
+            total = self.per_run_grad_norms() if total is None else total
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             if bool((coef == 1.0).all()):  # no run over the limit: scaling by 1 changes nothing, skip the pass
                 return total

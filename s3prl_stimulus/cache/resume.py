@@ -1,9 +1,12 @@
 """A sweep survives being killed: its stacked training state on disk, and which runs are already finished.
 
-At every evaluation step the sweep saves, atomically, everything the rest of its training depends on:
+At an evaluation step the sweep saves, atomically, everything the rest of its training depends on:
 the stacked head, its dev-best copy, the optimizer (and scheduler), each (fold, seed) shuffler's random
-state and position, and the evaluation history. Rerunning the same command finds that file and continues
-from it, so the outputs equal an uninterrupted sweep's. The file is keyed by the settings (config, caches,
+state and position, and the evaluation history: at the first evaluation step of a process, then at the
+first one at least ``save_every`` seconds (default :data:`SAVE_EVERY`) after the previous save, so that a
+paper-size sweep (110 evaluations, ~85 MB of state for a Large upstream) does not spend half a minute
+writing it. Rerunning the same command finds that file and continues from it, so the outputs equal an
+uninterrupted sweep's whichever step was saved last. The file is keyed by the settings (config, caches,
 test stimuli, ...) and lists its runs; a file of other settings is set aside, never silently resumed.
 Once every output of its runs is written, the file is removed.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +29,7 @@ from s3prl_stimulus.results import FINAL_RESULTS
 
 STATE_FILE = ".sweep-state.pt"
 STATE_SCHEMA = 1
+SAVE_EVERY = 60.0  # seconds: a kill loses at most about this much training, plus the evaluation steps' interval
 
 
 def settings_key(config: dict, cache_keys: list, test_stimuli, feature_normalize: bool, init: Optional[str],
@@ -53,10 +58,16 @@ def is_finished(directory: Path, run: Run, weights_sha256: Optional[str], votes:
 class TrainingState:
     """The state file of one upstream directory: read, matched to the settings, saved, removed."""
 
-    def __init__(self, root: Path, key: str):
+    def __init__(self, root: Path, key: str, save_every: float = SAVE_EVERY):
         self.path = Path(root) / STATE_FILE
         self.key = key
         self.saved: Optional[dict] = None
+        self.save_every = float(save_every)
+        self.last_save: Optional[float] = None  # time.monotonic() of this process's last save
+
+    def due(self) -> bool:
+        """Whether to save at this evaluation step: the process's first, then ``save_every`` seconds after the last."""
+        return self.last_save is None or time.monotonic() - self.last_save >= self.save_every
 
     def pending_runs(self) -> Optional[list[str]]:
         """Run names of a saved state with these settings, or None (no file, or other settings: set aside)."""
@@ -102,6 +113,7 @@ class TrainingState:
         }
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
+        self.last_save = time.monotonic()
 
     def discard(self, why: str = "") -> None:
         if self.path.exists():

@@ -109,7 +109,7 @@ class FeatureCache:
     manifest: dict
     clips: np.ndarray  # [N] str
     frames: np.ndarray  # [N] int64
-    means: np.ndarray  # [N, L, D] float32 (stored layer-major: see layer_major_array)
+    means: np.ndarray  # [N, L, D] float32
     ln_means: Optional[np.ndarray]  # [N, L, D] float32, when extracted with feature normalisation
 
     @property
@@ -159,16 +159,6 @@ def check_complete(cache_dir) -> dict:
     return manifest
 
 
-def layer_major_array(shape) -> np.ndarray:
-    """An ``[N, L, D]`` float32 array stored layer-major (a transposed view of ``[L, N, D]``).
-
-    The sweep keeps its feature table layer-major (:func:`s3prl_stimulus.cache.grid.layer_major_table`);
-    reading a cache straight into that layout lets a single cache become the table without a copy.
-    """
-    n_clips, n_layers, dim = shape
-    return np.empty((n_layers, n_clips, dim), dtype=np.float32).transpose(1, 0, 2)
-
-
 def load_cache(cache_dir) -> FeatureCache:
     """Read a complete cache, verifying every chunk's checksum."""
     cache_dir = Path(cache_dir)
@@ -178,8 +168,8 @@ def load_cache(cache_dir) -> FeatureCache:
     up = manifest["upstream"]
     n_hidden = up["n_hidden"] if up["weighted_sum"] else 1
     shape = (len(clips), n_hidden, up["dim"])
-    means = layer_major_array(shape)
-    ln_means = layer_major_array(shape) if manifest["feature_normalize"] else None
+    means = np.empty(shape, dtype=np.float32)
+    ln_means = np.empty(shape, dtype=np.float32) if manifest["feature_normalize"] else None
     frames = np.empty(len(clips), dtype=np.int64)
     for i, (a, b) in enumerate(ranges):
         arrays = read_chunk(chunk_path(cache_dir, i), clips[a:b], cache_dir)

@@ -134,15 +134,17 @@ def sweep(cache_paths: Sequence, out, train_stimuli=STIMULI, folds=(1, 2, 3, 4, 
           test_stimuli=None, config=None, override: Optional[str] = None, device: Optional[str] = None,
           feature_normalize: bool = False, votes: Optional[str] = None, all_steps: bool = False,
           name: Optional[str] = None, init: Optional[str] = None, progress: bool = True,
-          allow_unverified_upstream: bool = False, overwrite: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+          allow_unverified_upstream: bool = False, overwrite: bool = False,
+          save_every: Optional[float] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every (train stimulus, fold, seed) from the caches, cross-test each on ``test_stimuli``.
 
     Writes ``<out>/<upstream>/<train_stimulus>/fold<k>/seed<s>/`` per run and ``summary.csv``,
     ``summary-seeds.csv`` and ``sweep.json`` in ``<out>/<upstream>/``; the summaries cover every run there.
-    Resumable (:mod:`s3prl_stimulus.cache.resume`): a killed sweep continues from its last evaluation step when
-    rerun, and finished runs are skipped unless ``overwrite``. Returns (long, grid) tables of every run there.
+    Resumable (:mod:`s3prl_stimulus.cache.resume`): a killed sweep continues from its last saved evaluation step
+    when rerun (saved at most every ``save_every`` seconds, default ``resume.SAVE_EVERY``; 0: every evaluation
+    step), and finished runs are skipped unless ``overwrite``. Returns (long, grid) tables of every run there.
     """
-    from s3prl_stimulus.cache.resume import TrainingState, is_finished, settings_key
+    from s3prl_stimulus.cache.resume import SAVE_EVERY, TrainingState, is_finished, settings_key
 
     spec = (train_stimuli, folds, seeds)
     requested = make_runs(*spec)
@@ -150,7 +152,7 @@ def sweep(cache_paths: Sequence, out, train_stimuli=STIMULI, folds=(1, 2, 3, 4, 
     root = Path(out) / peek["directory"]
     key = settings_key(peek["config"], peek["cache_keys"], test_stimuli or _config_stimuli(peek["config"]["downstream_expert"]["datarc"]),
                        feature_normalize, init, all_steps, peek["identity"])
-    state = TrainingState(root, key)
+    state = TrainingState(root, key, SAVE_EVERY if save_every is None else save_every)
     done: set = set()
     while True:
         pending = state.pending_runs()

@@ -4,9 +4,10 @@ The R runs are stacked into batched tensors (:mod:`s3prl_stimulus.cache.head`): 
 ``[R, L]``, projector ``[R, P, D]`` and ``[R, P]``, output layer ``[R, C, P]`` and ``[R, C]``. One
 step gathers each (fold, seed) group's batch ``[B, L, D]`` once (its runs share batches), forms every
 run's weighted sum from it, applies each run's head folded into one ``[C, D]`` map (the head is
-linear), sums the runs' losses and steps one optimizer (fused Adam/AdamW kernel where torch has one)
-over the stacked tensors. These restructurings change float rounding only: a test keeps the per-run
-formulation and checks losses, parameters and probabilities against it. Runs never interact:
+linear), sums the runs' losses, writes out their gradients (:mod:`s3prl_stimulus.cache.step`) and
+steps one optimizer (fused Adam/AdamW kernel where torch has one) over the stacked tensors. These
+restructurings change float rounding only: a test keeps the per-run formulation (autograd) and
+checks losses, parameters and probabilities against it. Runs never interact:
 
 - the loss is a sum of per-run losses, so each run's gradient is its own;
 - gradient clipping is computed per run (the norm over that run's slices), as S3PRL's runner clips
@@ -25,49 +26,19 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from s3prl_stimulus.cache.grid import BatchPlan, Grid
 from s3prl_stimulus.cache.head import build_optimizer, use_fused_step
+from s3prl_stimulus.cache.step import GroupedStep
 from s3prl_stimulus.cache.sweep_config import S3PRL_PATH
 from s3prl_stimulus.errors import StimulusError
-
-
-# --- loss ---------------------------------------------------------------------------------------
-
-
-def batched_loss(head, grid: Grid, positions, counts, accumulate: int):
-    """Sum over runs of each run's class-balanced soft CE (mean over its batch), divided by ``accumulate``.
-
-    ``positions [G, B]`` / ``counts [G]``: each (fold, seed) group's batch (:class:`BatchPlan`). A group's
-    features are gathered once for all its runs (layer-major, ``[L, B, D]``), whose weighted sums are
-    then one matrix product ``[runs, L] x [L, B*D]``.
-
-    :func:`s3prl_stimulus.loss.soft_cross_entropy` takes a mean over every row of the stacked batch;
-    its per-clip scaling is linear in the class weights, so run r's rows get weights
-    ``w_r * R*B / (n_r * accumulate)``: the stacked mean then equals the sum of per-run means, and
-    padding rows (zero targets) add nothing.
-    """
-    import torch
-
-    from s3prl_stimulus.loss import soft_cross_entropy
-
-    batch = positions.shape[1]
-    means = grid.features.index_select(1, grid.group_rows.gather(1, positions).flatten())  # [L, G*B, D]
-    pooled = head.grouped_pooled(means, [group.runs for group in grid.groups], grid.run_slot)
-    logits = head(pooled)
-    run_positions, run_counts = positions[grid.run_group], counts[grid.run_group]
-    n_runs = run_positions.shape[0]
-    mask = torch.arange(batch, device=positions.device).unsqueeze(0) < run_counts.unsqueeze(1)
-    targets = grid.train_targets[grid.offsets.unsqueeze(1) + run_positions] * mask.unsqueeze(-1)
-    scale = (n_runs * batch) / (run_counts.to(torch.float32) * accumulate)
-    weights = (grid.class_weights * scale.unsqueeze(1)).unsqueeze(1).expand(-1, batch, -1)
-    n_classes = logits.shape[-1]
-    return soft_cross_entropy(logits.reshape(-1, n_classes), targets.reshape(-1, n_classes), weights.reshape(-1, n_classes))
 
 
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-EVAL_CHUNK = 256  # clips gathered at a time when evaluating: a few tens of MB, not a copy of the split
+EVAL_CHUNK = 32  # clips gathered at a time when evaluating: small enough to stay in the CPU's cache while scored
 
 
 @dataclass
@@ -79,21 +50,44 @@ class Evaluation:
 
 
 def evaluate_split(head, grid: Grid, split: str) -> Evaluation:
+    return evaluate_splits(head, grid, (split,))[split]
+
+
+def evaluate_splits(head, grid: Grid, splits) -> dict:
+    """Every run's logits on each of ``splits`` (split -> :class:`Evaluation`), in one pass over the clips.
+
+    Each clip any run needs is read once. Clips are taken in blocks of those needed by the same folds
+    (a clip is a dev clip of one fold and a test clip of another), so a chunk is scored only by the runs
+    of the folds that need it.
+    """
     import torch
 
-    out = {}
+    fold_runs = {fold: [r for r, run in enumerate(grid.runs) if run.fold == fold] for fold in grid.folds}
+    fold_runs = {fold: runs for fold, runs in fold_runs.items() if runs}
+    needed = {fold: np.concatenate([grid.folds[fold].rows[s] for s in splits]) for fold in fold_runs}
+    rows = np.unique(np.concatenate(list(needed.values())))
+    need = np.stack([np.isin(rows, fold_rows) for fold_rows in needed.values()], axis=1)  # [rows, folds]
+    device = grid.features.device
+    logits = torch.zeros((len(grid.runs), len(rows), head.linear_bias.shape[1]), device=device)
     with torch.no_grad():
-        for fold, data in grid.folds.items():
-            runs = [r for r, run in enumerate(grid.runs) if run.fold == fold]
-            if not runs:
-                continue
-            rows = torch.from_numpy(data.rows[split]).to(grid.features.device)
-            index = torch.tensor(runs, device=rows.device)
-            chunks = rows.split(EVAL_CHUNK)
-            logits = torch.cat([head.run_logits(index, grid.features.index_select(1, chunk)) for chunk in chunks], dim=1)
-            for i, r in enumerate(runs):
-                out[r] = logits[i].double().cpu()  # as the expert: float32 logits, scored in float64
-    return Evaluation(split, out)
+        output_map = head.output_map()
+        for pattern in np.unique(need, axis=0):
+            runs = torch.tensor([r for k, runs in enumerate(fold_runs.values()) if pattern[k] for r in runs], device=device)
+            where = np.flatnonzero((need == pattern).all(axis=1))
+            for start in range(0, len(where), EVAL_CHUNK):
+                positions = where[start:start + EVAL_CHUNK]
+                chunk = grid.features.index_select(0, torch.from_numpy(rows[positions]).to(device))
+                positions = torch.from_numpy(positions).to(device)
+                logits[runs.unsqueeze(1), positions.unsqueeze(0)] = head.run_logits(runs, chunk, output_map)
+    out = {}
+    for split in splits:
+        per_run = {}
+        for fold, runs in fold_runs.items():
+            where = torch.from_numpy(np.searchsorted(rows, grid.folds[fold].rows[split])).to(device)
+            for r in runs:
+                per_run[r] = logits[r].index_select(0, where).double().cpu()  # as the expert: float32 logits, scored in float64
+        out[split] = Evaluation(split, per_run)
+    return out
 
 
 def split_loss(grid: Grid, run_index: int, logits, split: str, stimulus: str) -> float:
@@ -138,17 +132,16 @@ def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: boo
     """The S3PRL runner's training loop, for every run at once (see the module docstring).
 
     ``state`` (:class:`s3prl_stimulus.cache.resume.TrainingState`): continue from its saved step, and save the
-    whole training state at every evaluation step, so a killed sweep resumes where it was.
+    whole training state at evaluation steps (when ``state.due()``), so a killed sweep resumes from there.
     """
-    import torch
-
     from s3prl_stimulus.progress import track
 
     runner = config["runner"]
     total, eval_step = runner["total_steps"], runner["eval_step"]
     select_by = config["downstream_expert"]["evalrc"]["select_by"]
     optimizer, scheduler = build_optimizer(head, config, total)
-    plan = BatchPlan(grid, int(config["downstream_expert"]["datarc"]["train_batch_size"]))
+    batch_size = int(config["downstream_expert"]["datarc"]["train_batch_size"])
+    plan, grouped = BatchPlan(grid, batch_size), GroupedStep(head, grid, batch_size)
     best = copy.deepcopy(head)
     result = TrainResult([0] * len(grid.runs), best, [], [math.inf] * len(grid.runs), [-math.inf] * len(grid.runs))
     start = state.restore(grid.runs, head, optimizer, scheduler, plan, result) if state else 0
@@ -156,31 +149,30 @@ def train(head, grid: Grid, config: dict, progress: bool = True, keep_steps: boo
     head.train()
     desc = f"sweep {len(grid.runs)} runs" + (f" (resumed after step {start})" if start else "")
     for step in track(range(start + 1, total + 1), total, desc, "step", progress, initial=start):
-        training_step(head, grid, plan, optimizer, scheduler, runner, step)
+        training_step(grouped, plan, optimizer, scheduler, runner, step)
         if step % eval_step == 0:
             _evaluate_step(head, grid, step, select_by, result, keep_steps)
-            if state:
+            if state and state.due():
                 state.save(step, grid.runs, head, optimizer, scheduler, plan, result)
     return result
 
 
-def training_step(head, grid: Grid, plan: BatchPlan, optimizer, scheduler, runner: dict, step: int):
+def training_step(grouped: GroupedStep, plan: BatchPlan, optimizer, scheduler, runner: dict, step: int):
     """One runner step for every run: accumulated batches, per-run clipping, optimizer and scheduler steps.
 
     Returns the summed loss of the step's batches (detached), for tests and logs.
     """
     import torch
 
+    head, grid = grouped.head, grouped.grid
     accumulate = runner["gradient_accumulate_steps"]
     device = grid.features.device
     total = 0.0
     for _ in range(accumulate):
         positions, counts = plan.next()
         positions, counts = torch.from_numpy(positions).to(device), torch.from_numpy(counts).to(device)
-        loss = batched_loss(head, grid, positions, counts, accumulate)
-        loss.backward()
-        total = total + loss.detach()
-    norms = head.clip_gradients(float(runner["gradient_clipping"]))
+        total = total + grouped.loss_and_gradients(positions, counts, accumulate)
+    norms = head.clip_gradients(float(runner["gradient_clipping"]), grouped.gradient_norms())
     if torch.isnan(norms).any():
         bad = grid.runs[int(torch.nonzero(torch.isnan(norms))[0])]
         raise StimulusError(f"run {bad.name}: gradient norm is NaN at step {step} (S3PRL would skip that step, which "
@@ -199,8 +191,8 @@ def _evaluate_step(head, grid, step, select_by, result: TrainResult, keep_steps:
     from s3prl_stimulus.metrics import binarize, macro_f1
 
     head.eval()
-    dev = evaluate_split(head, grid, "dev")
-    test = evaluate_split(head, grid, "test")
+    evaluations = evaluate_splits(head, grid, ("dev", "test"))
+    dev, test = evaluations["dev"], evaluations["test"]
     improved = []
     for r, run in enumerate(grid.runs):
         loss, f1 = dev_scores(grid, r, dev.logits[r])

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from s3prl_stimulus import STIMULI
+from s3prl_stimulus.errors import StimulusError
 from s3prl_stimulus.io import check_writable_dir
 from s3prl_stimulus.partition import FOLDS
 from s3prl_stimulus.tables import FORMATS, render
@@ -39,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "weights is refused regardless")
     parser.add_argument("--overwrite", action="store_true",
                         help="train runs that already have results under --out again (default: keep them; a killed "
-                             "sweep resumes from its last evaluation step either way)")
+                             "sweep resumes from its last saved evaluation step either way)")
+    parser.add_argument("--save-every", type=float, metavar="SECONDS",
+                        help="save the training state (for resuming a killed sweep) at the first evaluation step, then "
+                             "at the first one at least SECONDS after the last save (default 60; 0: every evaluation step)")
     parser.add_argument("--all-steps", action="store_true",
                         help="also write predictions/results for every evaluation step (slow: bootstrap CIs each time)")
     parser.add_argument("--name", help="directory name for the upstream under --out, also the label its results carry "
@@ -51,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_writable_dir(args.out, "--out")
+    if args.save_every is not None and not 0 <= args.save_every < float("inf"):
+        raise StimulusError(f"--save-every {args.save_every}: give the seconds between saves of the training state, "
+                            "0 or more (0: save at every evaluation step)")
     from s3prl_stimulus.cache.sweep_outputs import grid_table
     from s3prl_stimulus.cache.sweeping import evaluate_checkpoint, sweep
 
@@ -68,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
                        test_stimuli=args.test_stimuli, config=args.config, override=args.override, device=args.device,
                        feature_normalize=args.upstream_feature_normalize, votes=args.votes, all_steps=args.all_steps,
                        name=args.name, init=args.init, progress=not args.no_progress,
-                       allow_unverified_upstream=args.allow_unverified_upstream, overwrite=args.overwrite)
+                       allow_unverified_upstream=args.allow_unverified_upstream, overwrite=args.overwrite,
+                       save_every=args.save_every)
     n_runs = len(long[["train_stimulus", "fold", "seed"]].drop_duplicates())
     print(f"{n_runs} runs written under {args.out}; macro-F1 (test, dev-best), mean over folds, ± std over seeds:")
     print(render(grid_table(grid), args.format, json_obj=grid.to_dict(orient="records")))
