@@ -4,9 +4,9 @@ At an evaluation step the sweep saves, atomically, everything the rest of its tr
 the stacked head, its dev-best copy, the optimizer (and scheduler), each (fold, seed) shuffler's random
 state and position, and the evaluation history: at the first evaluation step of a process, then at the
 first one at least ``save_every`` seconds (default :data:`SAVE_EVERY`) after the previous save, so that a
-paper-size sweep (110 evaluations, ~85 MB of state for a Large upstream) does not spend half a minute
-writing it. Rerunning the same command finds that file and continues from it, so the outputs equal an
-uninterrupted sweep's whichever step was saved last. The file is keyed by the settings (config, caches,
+paper-size sweep (110 evaluations, ~85 MB of state for a Large upstream) does not spend about a minute
+writing it (``benchmarks/bench_paper_sweep.py``). Rerunning the same command finds that file and
+continues from it, so the outputs equal an uninterrupted sweep's whichever step was saved last. The file is keyed by the settings (config, caches,
 test stimuli, ...) and lists its runs; a file of other settings is set aside, never silently resumed.
 Once every output of its runs is written, the file is removed.
 
