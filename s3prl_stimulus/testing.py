@@ -287,10 +287,6 @@ def _round_robin_by_emotion(clips: Sequence[str], n: int, rng: np.random.Generat
     return picked
 
 
-__all__ = [
-    "make_tiny_wavlm", "make_tiny_hubert", "make_tiny_wav2vec2", "make_corpus", "tiny_clip_subset", "clip_samples",
-    "plain_run_downstream_command",
-]
 
 
 # ---------------------------------------------------------------- feature caches
@@ -333,3 +329,9 @@ def write_feature_cache(cache_dir, clips: Sequence[str], means: np.ndarray, fram
         store.write_chunk(store.chunk_path(cache_dir, i), arrays)
     extraction._finish(cache_dir, manifest)
     return cache_dir
+
+
+__all__ = [
+    "make_tiny_wavlm", "make_tiny_hubert", "make_tiny_wav2vec2", "make_corpus", "tiny_clip_subset", "clip_samples",
+    "plain_run_downstream_command", "write_feature_cache",
+]

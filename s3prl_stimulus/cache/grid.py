@@ -211,6 +211,7 @@ class Grid:
     group_rows: object = None  # torch [G, max n_train]: each group's training rows into features (zero padded)
     run_group: object = None  # torch [R]: each run's group
     run_slot: object = None  # torch [R]: each run's place in the groups' concatenated members
+    evaluation_plans: dict = field(default_factory=dict)  # splits -> which clips evaluation reads, and for whom
 
 
 def prepare_grid(caches: dict, runs: list, datarc: dict, test_stimuli: Sequence[str], feature_normalize: bool, device):

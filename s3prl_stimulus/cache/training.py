@@ -62,18 +62,16 @@ def evaluate_splits(head, grid: Grid, splits) -> dict:
     """
     import torch
 
-    fold_runs = {fold: [r for r, run in enumerate(grid.runs) if run.fold == fold] for fold in grid.folds}
-    fold_runs = {fold: runs for fold, runs in fold_runs.items() if runs}
-    needed = {fold: np.concatenate([grid.folds[fold].rows[s] for s in splits]) for fold in fold_runs}
-    rows = np.unique(np.concatenate(list(needed.values())))
-    need = np.stack([np.isin(rows, fold_rows) for fold_rows in needed.values()], axis=1)  # [rows, folds]
+    splits = tuple(splits)
+    if splits not in grid.evaluation_plans:
+        grid.evaluation_plans[splits] = _evaluation_plan(grid, splits)
+    fold_runs, rows, blocks = grid.evaluation_plans[splits]
     device = grid.features.device
     logits = torch.zeros((len(grid.runs), len(rows), head.linear_bias.shape[1]), device=device)
     with torch.no_grad():
         output_map = head.output_map()
-        for pattern in np.unique(need, axis=0):
-            runs = torch.tensor([r for k, runs in enumerate(fold_runs.values()) if pattern[k] for r in runs], device=device)
-            where = np.flatnonzero((need == pattern).all(axis=1))
+        for runs, where in blocks:
+            runs = torch.tensor(runs, device=device)
             for start in range(0, len(where), EVAL_CHUNK):
                 positions = where[start:start + EVAL_CHUNK]
                 chunk = grid.features.index_select(0, torch.from_numpy(rows[positions]).to(device))
@@ -88,6 +86,18 @@ def evaluate_splits(head, grid: Grid, splits) -> dict:
                 per_run[r] = logits[r].index_select(0, where).double().cpu()  # as the expert: float32 logits, scored in float64
         out[split] = Evaluation(split, per_run)
     return out
+
+
+def _evaluation_plan(grid: Grid, splits: tuple) -> tuple:
+    """Runs per fold, the sorted rows ``splits`` need, and blocks of (runs, positions in rows) needed by the same folds."""
+    fold_runs = {fold: [r for r, run in enumerate(grid.runs) if run.fold == fold] for fold in grid.folds}
+    fold_runs = {fold: runs for fold, runs in fold_runs.items() if runs}
+    needed = {fold: np.concatenate([grid.folds[fold].rows[s] for s in splits]) for fold in fold_runs}
+    rows = np.unique(np.concatenate(list(needed.values())))
+    need = np.stack([np.isin(rows, fold_rows) for fold_rows in needed.values()], axis=1)  # [rows, folds]
+    blocks = [([r for k, runs in enumerate(fold_runs.values()) if pattern[k] for r in runs],
+               np.flatnonzero((need == pattern).all(axis=1))) for pattern in np.unique(need, axis=0)]
+    return fold_runs, rows, blocks
 
 
 def split_loss(grid: Grid, run_index: int, logits, split: str, stimulus: str) -> float:
