@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference_sweep_step as reference
-from s3prl_stimulus.cache import sweeping, training
+from s3prl_stimulus.cache import kernels, sweeping, training
 from s3prl_stimulus.cache.grid import BatchPlan, Run, prepare_grid
 from s3prl_stimulus.cache.head import build_optimizer, make_batched_head
 from s3prl_stimulus.cache.step import GroupedStep
@@ -24,6 +24,16 @@ pytestmark = [pytest.mark.s3prl, pytest.mark.skipif(importlib.util.find_spec("s3
 
 STEPS = 40  # 24 training clips per fold, batch 7: several epochs, each ending in a short batch
 TOLERANCE = dict(rtol=0, atol=1e-6)
+
+
+@pytest.fixture(params=["kernels", "pytorch"])
+def step_path(request, monkeypatch):
+    """Both paths of the step: the CPU kernels (numba) and the PyTorch operations (GPU, or numba missing)."""
+    if request.param == "kernels" and not kernels.available():
+        pytest.skip("numba is not installed")
+    if request.param == "pytorch":
+        monkeypatch.setattr(kernels, "numba", None)
+    return request.param
 
 
 def side_by_side(prepared, head, accumulate: int):
@@ -70,7 +80,7 @@ def three_stimuli_grid(grid_data, randomise: bool = False):
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_the_grouped_step_trains_every_run_as_the_per_run_formulation(grid_data, accumulate):  # noqa: F811
+def test_the_grouped_step_trains_every_run_as_the_per_run_formulation(grid_data, accumulate, step_path):  # noqa: F811
     prepared = three_stimuli_grid(grid_data)
     assert len(prepared.grid.groups) == 4 and all(len(g.runs) == 3 for g in prepared.grid.groups)
     start = copy.deepcopy(prepared.head)
@@ -80,7 +90,7 @@ def test_the_grouped_step_trains_every_run_as_the_per_run_formulation(grid_data,
     assert bool((changed > 1e-3).all())  # every run trained
 
 
-def test_uneven_groups_and_a_single_hidden_state(grid_data):  # noqa: F811
+def test_uneven_groups_and_a_single_hidden_state(grid_data, step_path):  # noqa: F811
     """Groups of 1, 2 and 3 runs (as when only unfinished runs are trained), and a head without layer weights."""
     root, _, _ = grid_data
     prepared = sweeping.prepare([root / "caches"], (["voice", "face", "av"], [1, 2], [1, 2]), None, OVERRIDE, None,
@@ -124,7 +134,7 @@ def test_gradient_norms_from_gram_matrices_equal_the_gradients_norms(grid_data, 
     torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
 
 
-def test_both_splits_in_one_pass_equal_each_split_alone(grid_data):  # noqa: F811
+def test_both_splits_in_one_pass_equal_each_split_alone(grid_data, step_path):  # noqa: F811
     prepared = three_stimuli_grid(grid_data, randomise=True)
     both = training.evaluate_splits(prepared.head, prepared.grid, ("dev", "test"))
     for split in ("dev", "test"):

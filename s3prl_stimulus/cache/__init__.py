@@ -25,6 +25,7 @@ Training from caches (``s3prl-stimulus sweep``):
 - :mod:`.head`: the paper's head for R runs stacked on a leading axis, its initial state, checkpoint names.
 - :mod:`.grid`: caches per fold, each fold's clips and labels, the runs, training batches, the stacked grid.
 - :mod:`.step`: the grouped training step's loss and gradients for every run at once, written out by hand.
+- :mod:`.kernels`: the step's and the evaluation's CPU kernels (numba): batches read from the table, fused AdamW.
 - :mod:`.training`: the runner's training loop and the expert's dev/test evaluation, all runs at once.
 - :mod:`.sweep_outputs`: per-run result files, checkpoints and layer weights; summaries; reading checkpoints.
 - :mod:`.resume`: the training state saved at evaluation steps (a killed sweep resumes), finished runs kept.

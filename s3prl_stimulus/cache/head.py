@@ -63,10 +63,14 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             :mod:`s3prl_stimulus.cache.step` writes out the gradients of ``W``, ``b``, ``Lw``, ``c`` through it.
             """
             select = (lambda t: t) if runs is None else (lambda t: t[runs])
+            return torch.bmm(select(self.linear_weight), select(self.projector_weight)), self.output_bias(runs)
+
+        def output_bias(self, runs=None):
+            """The folded map's bias ``Lw b + c``: ``[R', C]``."""
+            select = (lambda t: t) if runs is None else (lambda t: t[runs])
             linear_weight, linear_bias = select(self.linear_weight), select(self.linear_bias)
-            weight = torch.bmm(linear_weight, select(self.projector_weight))
             bias = torch.baddbmm(linear_bias.unsqueeze(2), linear_weight, select(self.projector_bias).unsqueeze(2))
-            return weight, bias.squeeze(2)
+            return bias.squeeze(2)
 
         def run_logits(self, runs, means, output_map=None):
             """Logits of ``runs`` (indices) on shared clips ``means [N, L, D]`` → ``[len(runs), N, C]``.
@@ -87,7 +91,7 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             ``total``: the per-run norms when the caller has them (default: :meth:`per_run_grad_norms`).
             """
             total = self.per_run_grad_norms() if total is None else total
-            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            coef = clip_coefficients(max_norm, total)
             if bool((coef == 1.0).all()):  # no run over the limit: scaling by 1 changes nothing, skip the pass
                 return total
             for p in self.parameters():
@@ -96,6 +100,13 @@ def make_batched_head(n_runs: int, n_hidden: int, weighted: bool, dim: int, proj
             return total
 
     return BatchedHead()
+
+
+def clip_coefficients(max_norm: float, total):
+    """Per run, the factor ``clip_grad_norm_`` scales its gradients by: ``min(max_norm / (norm + 1e-6), 1)``."""
+    import torch
+
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
 def initial_head_state(seed: int, dim: int, modelrc: dict) -> dict:

@@ -15,10 +15,20 @@ the softmax, ``Lw, c`` the output layer and ``W, b`` the projector:
 - from ``dz``: ``dM = dz^T P``, ``dm = sum_b dz``, ``dP = dz M``, ``da[r, l] = sum_b dP[r, b] . X_g[b, l]``;
 - ``dW = Lw^T dM``, ``dLw = dM W^T + dm b^T``, ``db = Lw^T dm``, ``dc = dm``, and the softmax's
   backward for the layer weights.
+
+On the CPU with numba (:mod:`s3prl_stimulus.cache.kernels`), the weighted sums and the layer weights'
+gradient read the feature table directly (no gathered batch), and with torch's AdamW the projector is
+updated by one kernel that forms its gradient on the fly and folds the next step's map (``dW`` is never
+stored; :meth:`GroupedStep.optimizer_step`). Elsewhere (GPU, other optimizers) the PyTorch path runs.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
+from s3prl_stimulus.cache import kernels
 from s3prl_stimulus.cache.grid import Grid
 
 
@@ -37,30 +47,70 @@ class GroupedStep:
         self.offsets = grid.offsets.index_select(0, self.order)
         self.class_weights = grid.class_weights.index_select(0, self.order)
         n_hidden, dim = grid.features.shape[1:]
-        self.features = torch.empty((len(grid.groups) * batch_size, n_hidden, dim), dtype=grid.features.dtype,
-                                    device=grid.features.device)
+        self.use_kernels = kernels.serve(grid.features)
+        if self.use_kernels:  # the kernels read the table itself: no gathered copy
+            kernels.use_threads(torch.get_num_threads())
+            self.table, self.starts = grid.features.numpy(), np.asarray(bounds, dtype=np.int64)
+            self.pooled_buffer = torch.empty((len(self.order), batch_size, dim), dtype=grid.features.dtype)
+            self.first_hidden_only = torch.ones((len(self.order), 1), dtype=grid.features.dtype)  # head without layer weights
+        else:
+            self.features = torch.empty((len(grid.groups) * batch_size, n_hidden, dim), dtype=grid.features.dtype,
+                                        device=grid.features.device)
         self.projector_grad = None  # the largest gradient, written in place step after step
         self.grad_map_sum = None  # the folded map's gradient over the step's micro-batches (gradient_norms)
+        self.next_map, self.next_map_key = None, None  # the folded map left by the fused update, and for which parameters
 
-    def loss_and_gradients(self, positions, counts, accumulate: int):
+    def loss_and_gradients(self, positions, counts, accumulate: int, projector_grad: bool = True):
         """The summed class-balanced loss of every run on its group's batch; adds the gradients to ``p.grad``.
 
         ``positions [G, B]`` / ``counts [G]``: each group's batch (:class:`s3prl_stimulus.cache.grid.BatchPlan`).
+        ``projector_grad=False``: leave the projector's gradient factored (``Lw^T dM``, dM summed in
+        ``grad_map_sum``) for :meth:`optimizer_step`'s fused update.
         """
         import torch
 
         grid, head = self.grid, self.head
-        rows = grid.group_rows.gather(1, positions).flatten()
-        features = torch.index_select(grid.features, 0, rows, out=self.features)
+        rows = grid.group_rows.gather(1, positions)
         with torch.no_grad():
             weights = head.layer_weights()[self.order] if head.weighted else None
-            pooled = self._pooled(features, weights)
-            folded, bias = head.output_map()
+            if self.use_kernels:  # the batches stay in the table: the kernels read them by row
+                batches = rows.numpy()
+                pooled = self._pooled_by_kernel(batches, weights)
+            else:
+                batches = torch.index_select(grid.features, 0, rows.flatten(), out=self.features)
+                pooled = self._pooled(batches, weights)
+            folded, bias = self._output_map()
             folded_slots, bias_slots = folded.index_select(0, self.order), bias.index_select(0, self.order)
             logits = torch.baddbmm(bias_slots.unsqueeze(2), folded_slots, pooled.transpose(1, 2)).transpose(1, 2)
             loss, grad_logits = self._loss(logits, positions, counts, accumulate)
-            self._backward(grad_logits, pooled, features, weights, folded_slots)
+            self._backward(grad_logits, pooled, batches, weights, folded_slots, projector_grad)
         return loss
+
+    def _pooled_by_kernel(self, rows, weights):
+        """:meth:`_pooled` read from the table's ``rows [G, B]`` (:func:`kernels.pooled_from_table`), into a kept buffer."""
+        weights = self.first_hidden_only if weights is None else weights
+        kernels.pooled_from_table(self.table, rows, weights.numpy(), self.starts, self.pooled_buffer.numpy())
+        return self.pooled_buffer
+
+    def _output_map(self):
+        """:meth:`head.output_map`; with the kernels, the folded weight the fused update left (when the parameters are
+        still those) or :func:`kernels.fold_map`'s, which adds in the same order (a resumed sweep gets the same bits)."""
+        import torch
+
+        head = self.head
+        if not self.use_kernels:
+            return head.output_map()
+        if self.next_map is None or self.next_map_key != self._parameters_key():
+            weight = head.projector_weight
+            self.next_map = torch.empty(head.linear_weight.shape[:2] + weight.shape[2:], dtype=weight.dtype)
+            kernels.fold_map(weight.detach().numpy(), head.linear_weight.detach().numpy(), self.next_map.numpy())
+            self.next_map_key = self._parameters_key()
+        return self.next_map, head.output_bias()
+
+    def _parameters_key(self):
+        """Changes whenever the projector or output layer is modified in place by torch (or replaced)."""
+        head = self.head
+        return tuple((p.data_ptr(), p._version) for p in (head.projector_weight, head.linear_weight))
 
     def _pooled(self, features, weights):
         """``[R, B, D]`` in slot order: each group's batch pooled by its runs' layer weights."""
@@ -98,36 +148,41 @@ class GroupedStep:
                                                      weights.reshape(-1, n_classes))
         return loss, grad.view(n_runs, batch, n_classes)
 
-    def _backward(self, grad_logits, pooled, features, weights, folded_slots) -> None:
+    def _backward(self, grad_logits, pooled, batches, weights, folded_slots, projector_grad: bool) -> None:
+        """Every parameter's gradient from ``dz``; ``batches``: the gathered ``[G*B, L, D]`` or, with the kernels, rows ``[G, B]``."""
         import torch
 
         head, to_runs = self.head, self.grid.run_slot
         grad_map = torch.bmm(grad_logits.transpose(1, 2), pooled).index_select(0, to_runs)  # dM [R, C, D]
         grad_bias = grad_logits.sum(dim=1).index_select(0, to_runs)  # dm [R, C]
-        first = head.projector_weight.grad is None  # the step's first micro-batch
+        first = head.linear_bias.grad is None  # the step's first micro-batch
         self.grad_map_sum = grad_map if first else self.grad_map_sum + grad_map
         linear_t = head.linear_weight.transpose(1, 2).contiguous()  # a contiguous Lw^T: the K = C product's fast path
-        self.projector_grad = _accumulate(head.projector_weight, torch.bmm, linear_t, grad_map, buffer=self.projector_grad)
+        if projector_grad:
+            self.projector_grad = _accumulate(head.projector_weight, torch.bmm, linear_t, grad_map, buffer=self.projector_grad)
         _accumulate(head.projector_bias, lambda: torch.bmm(linear_t, grad_bias.unsqueeze(2)).squeeze(2))
         outer = grad_bias.unsqueeze(2) * head.projector_bias.unsqueeze(1)
         _accumulate(head.linear_weight, lambda: torch.baddbmm(outer, grad_map, head.projector_weight.transpose(1, 2)))
         _accumulate(head.linear_bias, lambda: grad_bias)
         if weights is not None:
             grad_pooled = torch.bmm(grad_logits, folded_slots)  # dP [R, B, D] in slot order
-            _accumulate(head.featurizer_weights, lambda: self._layer_weights_grad(grad_pooled, features, weights))
+            _accumulate(head.featurizer_weights, lambda: self._layer_weights_grad(grad_pooled, batches, weights))
 
-    def _layer_weights_grad(self, grad_pooled, features, weights):
+    def _layer_weights_grad(self, grad_pooled, batches, weights):
         """d loss / d featurizer weights ``[R, L]`` (run order), through each group's batch and the softmax."""
         import torch
 
         n_groups, per_group = len(self.slots), self.slots[0][1]
-        if self.equal_groups:  # [S, D] x [D, L] per clip, summed over each group's batch
-            per_clip = grad_pooled.view(n_groups, per_group, self.batch, -1).transpose(1, 2).reshape(len(features), per_group, -1)
-            grad = torch.bmm(per_clip, features.transpose(1, 2)).view(n_groups, self.batch, per_group, -1).sum(dim=1)
+        if self.use_kernels:  # ``batches``: table rows
+            grad = torch.empty_like(weights)
+            kernels.layer_weights_grad_from_table(self.table, batches, grad_pooled.contiguous().numpy(), self.starts, grad.numpy())
+        elif self.equal_groups:  # [S, D] x [D, L] per clip, summed over each group's batch
+            per_clip = grad_pooled.view(n_groups, per_group, self.batch, -1).transpose(1, 2).reshape(len(batches), per_group, -1)
+            grad = torch.bmm(per_clip, batches.transpose(1, 2)).view(n_groups, self.batch, per_group, -1).sum(dim=1)
             grad = grad.reshape(len(weights), -1)
         else:
-            batches = features.view(n_groups, self.batch, *features.shape[1:])
-            grad = torch.cat([torch.matmul(grad_pooled[start:stop].transpose(0, 1), batches[g].transpose(1, 2)).sum(dim=0)
+            by_group = batches.view(n_groups, self.batch, *batches.shape[1:])
+            grad = torch.cat([torch.matmul(grad_pooled[start:stop].transpose(0, 1), by_group[g].transpose(1, 2)).sum(dim=0)
                               for g, (start, stop) in enumerate(self.slots)])
         grad = weights * (grad - (grad * weights).sum(dim=1, keepdim=True))  # the softmax's backward
         return grad.index_select(0, self.grid.run_slot)
@@ -150,6 +205,49 @@ class GroupedStep:
             if parameter is not head.projector_weight and parameter.grad is not None:
                 squares = squares + parameter.grad.flatten(1).double().pow(2).sum(dim=1)
         return squares.sqrt().to(head.projector_weight.dtype)
+
+    def fuses_projector_update(self, optimizer) -> bool:
+        """Whether :meth:`optimizer_step` updates the projector with the fused CPU kernel: torch's AdamW, plain settings."""
+        import torch
+
+        weight = self.head.projector_weight
+        if not self.use_kernels or type(optimizer) is not torch.optim.AdamW or not weight.is_contiguous():
+            return False
+        group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+        return not any(group.get(flag) for flag in ("amsgrad", "maximize", "capturable", "differentiable"))
+
+    def optimizer_step(self, optimizer, coefficients=None) -> None:
+        """``optimizer.step()``; with ``coefficients`` (the per-run clipping factors), the fused projector update.
+
+        Then the projector has no ``.grad``: ``optimizer.step()`` updates every other parameter, and
+        :func:`kernels.projector_adamw_` updates the projector and its AdamW state in ``optimizer.state``
+        (the same tensors torch keeps: a saved state resumes either way), and leaves the next folded map.
+        """
+        import torch
+
+        if coefficients is None:
+            optimizer.step()
+            return
+        head = self.head
+        weight = head.projector_weight
+        linear_old = head.linear_weight.detach().clone()  # the gradient's Lw; the step updates it
+        optimizer.step()
+        group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+        state = optimizer.state[weight]
+        if not state:  # as torch initialises a fused AdamW's state
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+        state["step"].add_(1)
+        step, (beta1, beta2) = float(state["step"]), group["betas"]
+        lr = float(group["lr"])
+        f32 = np.float32
+        kernels.projector_adamw_(weight.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(),
+                                 linear_old.numpy(), self.grad_map_sum.numpy(), coefficients.detach().contiguous().numpy(),
+                                 head.linear_weight.detach().numpy(), self.next_map.numpy(), f32(lr), f32(beta1), f32(beta2),
+                                 f32(group["weight_decay"]), f32(group["eps"]), f32(lr / (1 - beta1 ** step)),
+                                 f32(math.sqrt(1 - beta2 ** step)))
+        self.next_map_key = self._parameters_key()
 
 
 def _accumulate(parameter, compute, *args, buffer=None):

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from s3prl_stimulus.cache import kernels
 from s3prl_stimulus.cache.grid import BatchPlan, Grid
-from s3prl_stimulus.cache.head import build_optimizer, use_fused_step
+from s3prl_stimulus.cache.head import build_optimizer, clip_coefficients, use_fused_step
 from s3prl_stimulus.cache.step import GroupedStep
 from s3prl_stimulus.cache.sweep_config import S3PRL_PATH
 from s3prl_stimulus.errors import StimulusError
@@ -72,6 +73,10 @@ def evaluate_splits(head, grid: Grid, splits) -> dict:
         output_map = head.output_map()
         for runs, where in blocks:
             runs = torch.tensor(runs, device=device)
+            if kernels.serve(grid.features):  # each clip read once, scored by all the block's runs
+                block = _logits_by_kernel(head, grid.features, runs, rows[where], output_map)
+                logits[runs.unsqueeze(1), torch.from_numpy(where).unsqueeze(0)] = block
+                continue
             for start in range(0, len(where), EVAL_CHUNK):
                 positions = where[start:start + EVAL_CHUNK]
                 chunk = grid.features.index_select(0, torch.from_numpy(rows[positions]).to(device))
@@ -85,6 +90,18 @@ def evaluate_splits(head, grid: Grid, splits) -> dict:
             for r in runs:
                 per_run[r] = logits[r].index_select(0, where).double().cpu()  # as the expert: float32 logits, scored in float64
         out[split] = Evaluation(split, per_run)
+    return out
+
+
+def _logits_by_kernel(head, table, runs, rows, output_map):
+    """:meth:`head.run_logits` of ``runs`` on the table's ``rows``, by :func:`kernels.logits_from_table`: ``[R', n, C]``."""
+    import torch
+
+    weights = head.layer_weights(runs) if head.weighted else torch.ones((len(runs), 1), dtype=table.dtype)
+    folded, bias = (t.index_select(0, runs) for t in output_map)
+    out = torch.empty((len(runs), len(rows), bias.shape[1]), dtype=table.dtype)
+    kernels.logits_from_table(table.numpy(), np.ascontiguousarray(rows, dtype=np.int64), weights.contiguous().numpy(),
+                              folded.contiguous().numpy(), bias.contiguous().numpy(), out.numpy())
     return out
 
 
@@ -175,19 +192,20 @@ def training_step(grouped: GroupedStep, plan: BatchPlan, optimizer, scheduler, r
     import torch
 
     head, grid = grouped.head, grouped.grid
-    accumulate = runner["gradient_accumulate_steps"]
+    accumulate, max_norm = runner["gradient_accumulate_steps"], float(runner["gradient_clipping"])
     device = grid.features.device
+    fused = grouped.fuses_projector_update(optimizer)
     total = 0.0
     for _ in range(accumulate):
         positions, counts = plan.next()
         positions, counts = torch.from_numpy(positions).to(device), torch.from_numpy(counts).to(device)
-        total = total + grouped.loss_and_gradients(positions, counts, accumulate)
-    norms = head.clip_gradients(float(runner["gradient_clipping"]), grouped.gradient_norms())
+        total = total + grouped.loss_and_gradients(positions, counts, accumulate, projector_grad=not fused)
+    norms = head.clip_gradients(max_norm, grouped.gradient_norms())
     if torch.isnan(norms).any():
         bad = grid.runs[int(torch.nonzero(torch.isnan(norms))[0])]
         raise StimulusError(f"run {bad.name}: gradient norm is NaN at step {step} (S3PRL would skip that step, which "
                             f"stacked runs cannot): check the cache for non-finite features, or {S3PRL_PATH}")
-    optimizer.step()
+    grouped.optimizer_step(optimizer, clip_coefficients(max_norm, norms) if fused else None)
     optimizer.zero_grad()
     if scheduler:
         scheduler.step()
