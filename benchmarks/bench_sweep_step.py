@@ -1,4 +1,4 @@
-"""The paper-size sweep on CPU: the per-run step (before issue 13) vs the grouped step, side by side.
+"""The paper-size sweep on CPU: the per-run step (before issue 13), the grouped step's PyTorch path and its CPU kernels.
 
 Random features of the real shape (one Large upstream: 25 hidden states x 1024, all 7,442 clips, one
 table serving the five folds), the real folds, votes and class weights, the paper's 20 runs (4 train
@@ -6,7 +6,9 @@ stimuli x 5 folds, seed 1337), batch 32, AdamW lr 1e-4, clipping 1. Each formula
 ``--steps`` steps after ``--warmup`` and evaluates dev + test ``--evals`` times; the totals are
 projected to the paper's 15,510 steps and 110 evaluations. The per-run formulation is the
 reference kept in ``tests/reference_sweep_step.py`` (every run gathers its own ``[B, L, D]`` batch,
-einsum pooling, projector then output layer, S3PRL's unfused AdamW).
+einsum pooling, projector then output layer, S3PRL's unfused AdamW). The grouped step runs twice:
+with PyTorch operations only (its path on a GPU or without numba) and with the CPU kernels of
+:mod:`s3prl_stimulus.cache.kernels` (the default on a CPU).
 
 Target (issue 13): grouped step's projected total <= 5 min on the 2-core CPU, peak memory <= 2x
 the feature table.
@@ -20,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -109,13 +112,21 @@ def measure(config, grid, head, args) -> dict:
     from s3prl_stimulus.cache.step import GroupedStep
 
     runner, batch = config["runner"], int(config["downstream_expert"]["datarc"]["train_batch_size"])
-    old_head, new_head = copy.deepcopy(head), copy.deepcopy(head)
-    new_opt, scheduler = build_optimizer(new_head, config, PAPER_STEPS)
-    new_plan, grouped = BatchPlan(grid, batch), GroupedStep(new_head, grid, batch)
-    new_step = time_steps(lambda: training.training_step(grouped, new_plan, new_opt, scheduler, runner, 0),
-                          args.steps, args.warmup)
-    new_eval = time_evals(lambda: training.evaluate_splits(new_head, grid, ("dev", "test")), args.evals)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the reference's per-run copies
+    old_head, torch_head, new_head = copy.deepcopy(head), copy.deepcopy(head), copy.deepcopy(head)
+
+    def grouped_timings(head):
+        optimizer, scheduler = build_optimizer(head, config, PAPER_STEPS)
+        plan, grouped = BatchPlan(grid, batch), GroupedStep(head, grid, batch)
+        step = time_steps(lambda: training.training_step(grouped, plan, optimizer, scheduler, runner, 0), args.steps,
+                          args.warmup)
+        return step, time_evals(lambda: training.evaluate_splits(head, grid, ("dev", "test")), args.evals), grouped.use_kernels
+
+    new_step, new_eval, uses_kernels = grouped_timings(new_head)
+    if not uses_kernels:
+        sys.exit("the CPU kernels did not run (is numba installed?): nothing to compare")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the other formulations' copies
+    with without_kernels():
+        torch_step, torch_eval, _ = grouped_timings(torch_head)
     old_opt = reference.optimizer(old_head, config, PAPER_STEPS)
     old_plan = reference.PerRunPlan(grid, batch)  # the reference reads the same clip-major table
     old_step = time_steps(lambda: reference.training_step(old_head, grid, old_plan, old_opt, runner), args.steps,
@@ -123,6 +134,7 @@ def measure(config, grid, head, args) -> dict:
     old_eval = time_evals(lambda: [reference.evaluate(old_head, grid, split) for split in ("dev", "test")], args.evals)
     with torch.no_grad():
         drift = max(float((a - b).abs().max()) for a, b in zip(old_head.parameters(), new_head.parameters()))
+        kernel_drift = max(float((a - b).abs().max()) for a, b in zip(torch_head.parameters(), new_head.parameters()))
     new_logits = training.evaluate_splits(new_head, grid, ("dev", "test"))
     old_logits = {split: reference.evaluate(old_head, grid, split) for split in ("dev", "test")}
     probability_drift = max(float((torch.softmax(new_logits[split].logits[r], -1) - torch.softmax(old[r], -1)).abs().max())
@@ -130,10 +142,25 @@ def measure(config, grid, head, args) -> dict:
     total = args.warmup + args.steps
     evaluations = PAPER_STEPS // PAPER_EVAL_STEP
     old_total = PAPER_STEPS * old_step + evaluations * old_eval
+    torch_total = PAPER_STEPS * torch_step + evaluations * torch_eval
     new_total = PAPER_STEPS * new_step + evaluations * new_eval
-    return {"steps_timed": args.steps, "steps_trained": total, "old_step_s": old_step, "new_step_s": new_step,
-            "old_eval_s": old_eval, "new_eval_s": new_eval, "old_total_s": old_total, "new_total_s": new_total,
-            "max_parameter_difference": drift, "max_probability_difference": probability_drift, "evaluations": evaluations, "peak_bytes": peak}
+    return {"steps_timed": args.steps, "steps_trained": total, "old_step_s": old_step, "torch_step_s": torch_step,
+            "new_step_s": new_step, "old_eval_s": old_eval, "torch_eval_s": torch_eval, "new_eval_s": new_eval,
+            "old_total_s": old_total, "torch_total_s": torch_total, "new_total_s": new_total,
+            "max_parameter_difference": drift, "max_parameter_difference_kernels_vs_pytorch": kernel_drift,
+            "max_probability_difference": probability_drift, "evaluations": evaluations, "peak_bytes": peak}
+
+
+@contextlib.contextmanager
+def without_kernels():
+    """The grouped step's PyTorch path (as on a GPU, or without numba): the kernels switched off for the block."""
+    from s3prl_stimulus.cache import kernels
+
+    saved, kernels.numba = kernels.numba, None
+    try:
+        yield
+    finally:
+        kernels.numba = saved
 
 
 def main() -> int:
@@ -156,16 +183,20 @@ def main() -> int:
     load = os.getloadavg()
     rows = [
         ("runs / features / clips", f"{len(grid.runs)} / {args.hidden} x {args.dim} / {grid.features.shape[0]}"),
-        ("step, per-run gathers (before) / grouped (now)",
-         f"{m['old_step_s'] * 1e3:.1f} ms / {m['new_step_s'] * 1e3:.1f} ms ({1 / m['old_step_s']:.1f} / {1 / m['new_step_s']:.1f} steps/s)"),
-        ("step speed-up", f"{m['old_step_s'] / m['new_step_s']:.1f}x"),
-        ("dev+test evaluation, before / now", f"{m['old_eval_s']:.2f} s / {m['new_eval_s']:.2f} s"),
-        (f"projected {PAPER_STEPS} steps + {m['evaluations']} evaluations, before", f"{m['old_total_s'] / 60:.1f} min"),
-        (f"projected {PAPER_STEPS} steps + {m['evaluations']} evaluations, now (target <= 5 min)", f"{m['new_total_s'] / 60:.1f} min"),
-        ("total speed-up", f"{m['old_total_s'] / m['new_total_s']:.1f}x"),
-        (f"max parameter difference after {m['steps_trained']} steps of both", f"{m['max_parameter_difference']:.1e}"),
-        ("max dev/test probability difference then (target <= 1e-6)", f"{m['max_probability_difference']:.1e}"),
-        ("peak memory of the grouped sweep / feature table (target <= 2x)", f"{peak / 2**30:.2f} GiB / {table_bytes / 2**30:.2f} GiB = "
+        ("step: per-run gathers (before) / grouped, PyTorch ops / grouped, CPU kernels (now)",
+         f"{m['old_step_s'] * 1e3:.1f} / {m['torch_step_s'] * 1e3:.1f} / {m['new_step_s'] * 1e3:.1f} ms "
+         f"({1 / m['old_step_s']:.1f} / {1 / m['torch_step_s']:.1f} / {1 / m['new_step_s']:.1f} steps/s)"),
+        ("step speed-up over before / over PyTorch ops", f"{m['old_step_s'] / m['new_step_s']:.1f}x / "
+                                                          f"{m['torch_step_s'] / m['new_step_s']:.2f}x"),
+        ("dev+test evaluation, same three", f"{m['old_eval_s']:.2f} / {m['torch_eval_s']:.2f} / {m['new_eval_s']:.2f} s"),
+        (f"projected {PAPER_STEPS} steps + {m['evaluations']} evaluations, same three",
+         f"{m['old_total_s'] / 60:.1f} / {m['torch_total_s'] / 60:.1f} / {m['new_total_s'] / 60:.1f} min (target <= 5 min)"),
+        ("total speed-up over before / over PyTorch ops", f"{m['old_total_s'] / m['new_total_s']:.1f}x / "
+                                                           f"{m['torch_total_s'] / m['new_total_s']:.2f}x"),
+        (f"max parameter difference after {m['steps_trained']} steps, kernels vs before / vs PyTorch ops",
+         f"{m['max_parameter_difference']:.1e} / {m['max_parameter_difference_kernels_vs_pytorch']:.1e}"),
+        ("max dev/test probability difference then, kernels vs before (target <= 1e-6)", f"{m['max_probability_difference']:.1e}"),
+        ("peak memory of the grouped sweep (kernels) / feature table (target <= 2x)", f"{peak / 2**30:.2f} GiB / {table_bytes / 2**30:.2f} GiB = "
                                                        f"{peak / table_bytes:.2f}x"),
         ("  the same without the interpreter's baseline (imports, votes)",
          f"{(peak - baseline) / 2**30:.2f} GiB = {(peak - baseline) / table_bytes:.2f}x (baseline {baseline / 2**30:.2f} GiB)"),

@@ -65,22 +65,24 @@ def pooled_from_table(table, rows, weights, starts, out):
     ``starts[g]:starts[g + 1]``), ``out [S, B, D]``.
     """
     n_groups, batch = rows.shape
-    n_layers, dim = weights.shape[1], table.shape[2]
     for item in prange(n_groups * batch):
         g = item // batch
         b = item - g * batch
         clip = table[rows[g, b]]
         for s in range(starts[g], starts[g + 1]):
-            target = out[s, b]
-            first = weights[s, 0]
-            hidden = clip[0]
-            for d in range(dim):
-                target[d] = first * hidden[d]
-            for layer in range(1, n_layers):
-                weight = weights[s, layer]
-                hidden = clip[layer]
-                for d in range(dim):
-                    target[d] += weight * hidden[d]
+            _pool(out[s, b], clip, weights[s])
+
+
+@_jit()
+def _pool(target, clip, weights):
+    """``target = sum_l weights[l] * clip[l]`` over the first ``len(weights)`` hidden states of one clip ``[L, D]``."""
+    first, hidden = weights[0], clip[0]
+    for d in range(target.shape[0]):
+        target[d] = first * hidden[d]
+    for layer in range(1, weights.shape[0]):
+        weight, hidden = weights[layer], clip[layer]
+        for d in range(target.shape[0]):
+            target[d] += weight * hidden[d]
 
 
 @_jit(parallel=True, fastmath=True)  # fastmath: the dot products' sums may be reordered (vectorised)
@@ -174,21 +176,12 @@ def logits_from_table(table, rows, weights, folded, bias, out):
     ``table [N, L, D]``, ``rows [n]``, ``weights [S, L']`` (first ``L'`` hidden states), ``folded [S, C, D]``,
     ``bias [S, C]``, ``out [S, n, C]``. Each clip is read once for all runs; nothing of size ``[n, D]`` is stored.
     """
-    n_runs, n_layers = weights.shape
-    n_classes, dim = folded.shape[1], folded.shape[2]
+    n_runs, n_classes, dim = folded.shape
     for i in prange(rows.shape[0]):
         clip = table[rows[i]]
         pooled = np.empty(dim, dtype=np.float32)
         for s in range(n_runs):
-            first = weights[s, 0]
-            hidden = clip[0]
-            for d in range(dim):
-                pooled[d] = first * hidden[d]
-            for layer in range(1, n_layers):
-                weight = weights[s, layer]
-                hidden = clip[layer]
-                for d in range(dim):
-                    pooled[d] += weight * hidden[d]
+            _pool(pooled, clip, weights[s])
             for c in range(n_classes):
                 row = folded[s, c]
                 total = np.float32(0.0)
