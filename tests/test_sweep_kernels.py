@@ -73,6 +73,22 @@ def test_logits_from_table_equal_the_heads_run_logits(weighted):
     torch.testing.assert_close(out, expected, **CLOSE)
 
 
+def test_the_kernels_use_torchs_thread_count():
+    import numba
+
+    head = make_batched_head(2, L, True, D, 16, 6)
+    _, table, _, _ = random_inputs(5)
+    before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            training._logits_by_kernel(head, table, torch.tensor([0, 1]), np.array([1, 2]), head.output_map())
+        assert numba.get_num_threads() == 1  # a user's thread limit holds for the kernels too
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+
+
 def test_projector_adamw_is_torchs_adamw_on_the_factored_gradient_and_folds_the_next_map():
     generator = torch.Generator().manual_seed(3)
     R, C, P = 3, 6, 11
@@ -187,3 +203,21 @@ def test_a_new_step_over_the_same_parameters_continues_with_the_same_bits(grid_d
             training.training_step(grouped, plan, optimizer, None, runner, step)
     for (name, ours), theirs in zip(heads[0].named_parameters(), heads[1].parameters()):
         assert torch.equal(ours, theirs), name
+
+
+def test_without_a_writable_cache_folder_the_kernels_compile_in_the_process(monkeypatch):
+    """numba refuses ``cache=True`` at import when no folder is writable (read-only install and home)."""
+    import importlib
+
+    from numba.core import caching
+
+    with monkeypatch.context() as patch:
+        patch.setattr(caching.CacheImpl, "_locator_classes", [])
+        with pytest.raises(RuntimeError, match="no locator"):
+            caching.FunctionCache(random_inputs)  # what numba does for cache=True with nowhere to write
+        importlib.reload(kernels)
+        _, table, rows, weights = random_inputs(6)
+        out = torch.empty(STARTS[-1], B, D)
+        kernels.pooled_from_table(table.numpy(), rows.numpy(), weights.numpy(), STARTS, out.numpy())
+        torch.testing.assert_close(out, torch.einsum("sl,sbld->sbd", weights, table[rows[group_of_slots()]]), **CLOSE)
+    importlib.reload(kernels)  # cached kernels again for the other tests

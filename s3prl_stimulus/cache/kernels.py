@@ -47,10 +47,20 @@ def use_threads(n: int) -> None:
 
 
 def _jit(**options):
-    """numba's ``njit`` (compiled on first call, cached on disk); without numba, the plain function (never called)."""
+    """numba's ``njit`` (compiled on first call, cached on disk); without numba, the plain function (never called).
+
+    Where numba finds no writable cache folder (a read-only install and home; ``NUMBA_CACHE_DIR`` names one),
+    each process compiles the kernels again instead of failing at import.
+    """
     if numba is None:
         return lambda function: function
-    return numba.njit(cache=True, boundscheck=False, nogil=True, **options)
+
+    def compile_lazily(function):
+        try:
+            return numba.njit(cache=True, boundscheck=False, nogil=True, **options)(function)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(cache=False, boundscheck=False, nogil=True, **options)(function)
+    return compile_lazily
 
 
 prange = numba.prange if numba is not None else range  # numba parallelises loops over prange

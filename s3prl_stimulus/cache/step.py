@@ -239,8 +239,8 @@ class GroupedStep:
             state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
         state["step"].add_(1)
-        step, (beta1, beta2) = float(state["step"]), group["betas"]
-        lr = float(group["lr"])
+        step, lr = float(state["step"]), float(group["lr"])
+        beta1, beta2 = (float(beta) for beta in group["betas"])
         f32 = np.float32
         kernels.projector_adamw_(weight.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(),
                                  linear_old.numpy(), self.grad_map_sum.numpy(), coefficients.detach().contiguous().numpy(),

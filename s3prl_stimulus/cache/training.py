@@ -97,6 +97,7 @@ def _logits_by_kernel(head, table, runs, rows, output_map):
     """:meth:`head.run_logits` of ``runs`` on the table's ``rows``, by :func:`kernels.logits_from_table`: ``[R', n, C]``."""
     import torch
 
+    kernels.use_threads(torch.get_num_threads())
     weights = head.layer_weights(runs) if head.weighted else torch.ones((len(runs), 1), dtype=table.dtype)
     folded, bias = (t.index_select(0, runs) for t in output_map)
     out = torch.empty((len(runs), len(rows), bias.shape[1]), dtype=table.dtype)
