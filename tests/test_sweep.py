@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from s3prl_stimulus import CLASSES
-from s3prl_stimulus.cache import store, sweep_outputs, sweeping, training
+from s3prl_stimulus.cache import kernels, store, sweep_outputs, sweeping, training
 from s3prl_stimulus.cache.grid import EpochShuffler
 from s3prl_stimulus.cache.head import HEAD_PREFIX, initial_head_state, run_state
 from s3prl_stimulus.errors import StimulusError
@@ -173,8 +173,20 @@ def test_sweep_writes_the_s3prl_schema_a_summary_and_seed_statistics(grid_data, 
     assert row["n_seeds"] == 2
     table = sweep_outputs.grid_table(grid)
     assert table.loc["voice", "av"] == f"{cell.mean():.4f} ± {cell.std(ddof=1):.4f} †"  # † built from incomplete runs
-    assert json.loads((tmp_path / "synthetic" / "sweep.json").read_text())["runs"] == [
-        "voice/fold1/seed3", "voice/fold1/seed4", "face/fold1/seed3", "face/fold1/seed4"]
+    record = json.loads((tmp_path / "synthetic" / "sweep.json").read_text())
+    assert record["runs"] == ["voice/fold1/seed3", "voice/fold1/seed4", "face/fold1/seed3", "face/fold1/seed4"]
+    assert record["implementation"] == kernels.describe(torch.zeros(1))  # the step's implementation, for the record
+
+
+def test_without_numba_the_sweep_says_so_and_records_the_pytorch_path(grid_data, tmp_path, monkeypatch, capsys):
+    root, _, _ = grid_data
+    monkeypatch.setattr(kernels, "numba", None)
+    monkeypatch.setattr(kernels, "UNAVAILABLE", "ImportError: No module named 'numba'")
+    sweeping.sweep([root / "caches"], tmp_path, train_stimuli=["voice"], folds=[1], seeds=[1], override=OVERRIDE,
+                   device="cpu", progress=False)
+    assert "(numba unavailable: ImportError: No module named 'numba'): training on the CPU takes" in capsys.readouterr().err
+    record = json.loads((tmp_path / "synthetic" / "sweep.json").read_text())
+    assert record["implementation"] == "PyTorch operations (numba unavailable: ImportError: No module named 'numba')"
 
 
 @pytest.mark.parametrize("override, message", [

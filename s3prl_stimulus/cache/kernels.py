@@ -1,7 +1,7 @@
-"""CPU kernels for the sweep's step: passes that PyTorch can only make as several operations.
+"""CPU kernels for the sweep's step and evaluation: passes that PyTorch can only make as several operations.
 
 On a CPU the stacked step is bound by memory traffic and by matrix products too thin for BLAS to
-run fast (6 output classes, 25 hidden states). Three passes are written here as loops that numba
+run fast (6 output classes, 25 hidden states). These passes are written as loops that numba
 compiles, each reading its large operands once:
 
 - :func:`pooled_from_table`: each run's weighted sum of its group's batch, read straight from the
@@ -16,7 +16,7 @@ compiles, each reading its large operands once:
 
 They compute the same formulas as the PyTorch path of :mod:`s3prl_stimulus.cache.step`; only the
 order of float additions differs (``tests/test_sweep_kernels.py`` checks them against it and against
-torch's fused AdamW). Each output element is written by one thread, so results do not depend on the
+torch's AdamW). Each output element is written by one thread, so results do not depend on the
 thread count. numba is optional at run time: without it (or off the CPU) the PyTorch path runs.
 """
 
@@ -28,8 +28,9 @@ import numpy as np
 
 try:
     import numba
-except ImportError:  # the PyTorch path runs instead
-    numba = None
+    UNAVAILABLE = ""
+except (ImportError, OSError) as error:  # not installed, or its LLVM does not load: the PyTorch path runs instead
+    numba, UNAVAILABLE = None, f"{type(error).__name__}: {error}"
 
 
 def available() -> bool:
@@ -39,6 +40,15 @@ def available() -> bool:
 def serve(table) -> bool:
     """Whether the kernels run on this feature table (a torch tensor): numba is installed, float32 on the CPU."""
     return numba is not None and table.device.type == "cpu" and str(table.dtype) == "torch.float32"
+
+
+def describe(table) -> str:
+    """Which implementation the sweep's step and evaluation use on ``table``, for the sweep's record."""
+    if serve(table):
+        return f"CPU kernels (numba {numba.__version__})"
+    if numba is None:
+        return f"PyTorch operations (numba unavailable: {UNAVAILABLE or 'switched off'})"
+    return f"PyTorch operations ({table.device.type}, {table.dtype})"
 
 
 def use_threads(n: int) -> None:

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from s3prl_stimulus import CLASSES, STIMULI
+from s3prl_stimulus.cache import kernels
 from s3prl_stimulus.cache.grid import Grid, cache_for_fold, check_same_upstream, find_caches, make_runs, prepare_grid
 from s3prl_stimulus.cache.head import initial_head_state, load_run_state, make_batched_head
 from s3prl_stimulus.cache.sweep_config import apply_override, check_linear_head, check_runner, load_config
@@ -203,6 +204,9 @@ def _train_and_write(cache_paths, spec, todo: set, peek: dict, root: Path, state
 
     prepared = prepare(cache_paths, spec, peek["config"], None, test_stimuli, None, device, feature_normalize, only=todo)
     initialise(prepared, init, allow_unverified_upstream)
+    implementation = kernels.describe(prepared.grid.features)
+    if prepared.grid.features.device.type == "cpu" and not kernels.available():
+        print(f"[sweep] {implementation}: training on the CPU takes about 1.35x longer (pip install numba)", file=sys.stderr)
     result = train(prepared.head, prepared.grid, prepared.config, progress=progress, keep_steps=all_steps, state=state)
     upstream = prepared.manifest["upstream"]["name"]
     label = str(prepared.config["downstream_expert"]["datarc"].get("upstream_label") or peek["directory"])
@@ -215,7 +219,7 @@ def _train_and_write(cache_paths, spec, todo: set, peek: dict, root: Path, state
         "path": "cache", "upstream": upstream, "caches": {str(k): str(p) for k, p in prepared.chosen.items()},
         "cache_keys": {str(k): v for k, v in prepared.keys.items()}, "runs": [run.name for run in prepared.runs],
         "test_stimuli": list(prepared.test_stimuli), "feature_normalize": feature_normalize, "init": init,
-        "device": str(prepared.grid.features.device), "config": prepared.config,
+        "device": str(prepared.grid.features.device), "implementation": implementation, "config": prepared.config,
         "upstream_identity": prepared.identity.record(),
     })
     state.discard()  # every output of these runs is written: nothing left to resume
