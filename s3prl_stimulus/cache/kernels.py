@@ -128,20 +128,29 @@ def layer_weights_grad_from_table(table, rows, grad_pooled, starts, out):
                 out[s, layer] += total
 
 
+def adamw_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, step: int) -> tuple:
+    """The scalars of torch's fused AdamW step, computed in double and rounded to float32 as its CPU kernel does:
+    ``(decay, beta1, 1 - beta1, beta2, 1 - beta2, eps, step_size, sqrt(bias_correction2))`` for :func:`projector_adamw_`.
+
+    (``1 - beta2`` taken in float32 would be off by 1.3e-5 relative for beta2 = 0.999: hence double, then float32.)
+    """
+    bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+    values = (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bias_correction1,
+              math.sqrt(bias_correction2))
+    return tuple(np.float32(value) for value in values)
+
+
 @_jit(parallel=True)
 def projector_adamw_(weight, exp_avg, exp_avg_sq, linear_old, grad_map, coef, linear_new, folded_out,
-                     lr, beta1, beta2, weight_decay, eps, step_size, bias_correction2_sqrt):
+                     decay, beta1, keep1, beta2, keep2, eps, step_size, bias_correction2_sqrt):
     """AdamW on the projector ``weight [R, P, D]`` with gradient ``coef[r] * linear_old[r]^T grad_map[r]``; then
     ``folded_out[r] = linear_new[r] weight[r]`` (the next step's folded map).
 
-    The update is torch's AdamW (decoupled weight decay, no amsgrad): ``w *= 1 - lr * wd``;
-    ``m += (1 - b1) (g - m)``; ``v = b2 v + (1 - b2) g^2``; ``w -= step_size * m / (sqrt(v) / sqrt(bc2) + eps)``
-    with ``step_size = lr / bc1``. Scalars are float32, as torch's kernel computes float32 tensors.
+    The update is torch's AdamW (decoupled weight decay, no amsgrad), with :func:`adamw_scalars`:
+    ``w *= decay``; ``m = m b1 + g (1 - b1)``; ``v = v b2 + g^2 (1 - b2)``; ``w -= step_size m / (sqrt(v) / sqrt(bc2) + eps)``.
     """
     n_runs, rows, dim = weight.shape
     n_classes = grad_map.shape[1]
-    decay = np.float32(1.0) - lr * weight_decay
-    keep1, keep2 = np.float32(1.0) - beta1, np.float32(1.0) - beta2
     for r in prange(n_runs):
         grad = np.empty(dim, dtype=np.float32)
         folded = np.zeros((n_classes, dim), dtype=np.float32)
@@ -158,8 +167,8 @@ def projector_adamw_(weight, exp_avg, exp_avg_sq, linear_old, grad_map, coef, li
                     grad[d] += scale * source[d]
             for d in range(dim):
                 g = grad[d]
-                moment = m[d] + keep1 * (g - m[d])
-                second = beta2 * v[d] + keep2 * g * g
+                moment = m[d] * beta1 + g * keep1
+                second = v[d] * beta2 + g * g * keep2
                 w[d] = w[d] * decay - step_size * moment / (math.sqrt(second) / bias_correction2_sqrt + eps)
                 m[d] = moment
                 v[d] = second

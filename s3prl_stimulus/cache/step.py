@@ -24,8 +24,6 @@ stored; :meth:`GroupedStep.optimizer_step`). Elsewhere (GPU, other optimizers) t
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from s3prl_stimulus.cache import kernels
@@ -239,14 +237,12 @@ class GroupedStep:
             state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
         state["step"].add_(1)
-        step, lr = float(state["step"]), float(group["lr"])
         beta1, beta2 = (float(beta) for beta in group["betas"])
-        f32 = np.float32
+        scalars = kernels.adamw_scalars(float(group["lr"]), beta1, beta2, float(group["weight_decay"]), float(group["eps"]),
+                                        int(state["step"]))
         kernels.projector_adamw_(weight.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(),
                                  linear_old.numpy(), self.grad_map_sum.numpy(), coefficients.detach().contiguous().numpy(),
-                                 head.linear_weight.detach().numpy(), self.next_map.numpy(), f32(lr), f32(beta1), f32(beta2),
-                                 f32(group["weight_decay"]), f32(group["eps"]), f32(lr / (1 - beta1 ** step)),
-                                 f32(math.sqrt(1 - beta2 ** step)))
+                                 head.linear_weight.detach().numpy(), self.next_map.numpy(), *scalars)
         self.next_map_key = self._parameters_key()
 
 
