@@ -206,7 +206,7 @@ def _train_and_write(cache_paths, spec, todo: set, peek: dict, root: Path, state
     initialise(prepared, init, allow_unverified_upstream)
     implementation = kernels.describe(prepared.grid.features)
     if prepared.grid.features.device.type == "cpu" and not kernels.available():
-        print(f"[sweep] {implementation}: training on the CPU takes about 1.35x longer (pip install numba)", file=sys.stderr)
+        print(f"[sweep] {implementation}: training on the CPU takes about 1.3x longer (pip install numba)", file=sys.stderr)
     result = train(prepared.head, prepared.grid, prepared.config, progress=progress, keep_steps=all_steps, state=state)
     upstream = prepared.manifest["upstream"]["name"]
     label = str(prepared.config["downstream_expert"]["datarc"].get("upstream_label") or peek["directory"])
