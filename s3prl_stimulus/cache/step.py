@@ -100,7 +100,8 @@ class GroupedStep:
             return head.output_map()
         if self.next_map is None or self.next_map_key != self._parameters_key():
             weight = head.projector_weight
-            self.next_map = torch.empty(head.linear_weight.shape[:2] + weight.shape[2:], dtype=weight.dtype)
+            if self.next_map is None:  # kept from step to step, as the fused update writes into it
+                self.next_map = torch.empty(head.linear_weight.shape[:2] + weight.shape[2:], dtype=weight.dtype)
             kernels.fold_map(weight.detach().numpy(), head.linear_weight.detach().numpy(), self.next_map.numpy())
             self.next_map_key = self._parameters_key()
         return self.next_map, head.output_bias()
@@ -211,8 +212,13 @@ class GroupedStep:
         weight = self.head.projector_weight
         if not self.use_kernels or type(optimizer) is not torch.optim.AdamW or not weight.is_contiguous():
             return False
-        group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+        group = self._projector_group(optimizer)
         return not any(group.get(flag) for flag in ("amsgrad", "maximize", "capturable", "differentiable"))
+
+    def _projector_group(self, optimizer) -> dict:
+        """The optimizer's parameter group holding the projector."""
+        weight = self.head.projector_weight
+        return next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
 
     def optimizer_step(self, optimizer, coefficients=None) -> None:
         """``optimizer.step()``; with ``coefficients`` (the per-run clipping factors), the fused projector update.
@@ -230,7 +236,7 @@ class GroupedStep:
         weight = head.projector_weight
         linear_old = head.linear_weight.detach().clone()  # the gradient's Lw; the step updates it
         optimizer.step()
-        group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+        group = self._projector_group(optimizer)
         state = optimizer.state[weight]
         if not state:  # as torch initialises a fused AdamW's state
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
